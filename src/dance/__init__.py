@@ -1,0 +1,67 @@
+"""DANCE: data-network co-optimisation for efficient segmentation training and inference.
+
+Public API (SPEC §4); the CLI is built on it.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DanceError",
+    "branches",
+    "build_model",
+    "count_gflops",
+    "export",
+    "list_models",
+    "load_model",
+    "plan",
+    "remove_branches",
+    "spatial_complexity",
+]
+
+from dance.errors import DanceError
+
+
+def list_models() -> list[str]:
+    from dance.network.registry import list_models as _f
+    return _f()
+
+
+def build_model(name, num_classes, pretrained_backbone=None, **kwargs):
+    from dance.network.registry import build_model as _f
+    return _f(name, num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
+
+
+def branches(model):
+    from dance.network.slimming import branches as _f
+    return _f(model)
+
+
+def remove_branches(model, names):
+    from dance.network.slimming import remove_branches as _f
+    return _f(model, names)
+
+
+def count_gflops(model, input_shape=(1, 3, 512, 1024), backward=False) -> float:
+    from dance.network.flops import count_gflops as _f
+    return _f(model, input_shape, backward=backward)
+
+
+def spatial_complexity(image, indicator="si", **kwargs) -> float:
+    from dance.data.complexity import spatial_complexity as _f
+    return _f(image, indicator=indicator, **kwargs)
+
+
+def plan(scores, budget, **options):
+    from dance.data.plan import plan as _f
+    return _f(scores, budget, **options)
+
+
+def load_model(checkpoint):
+    from dance.engine.checkpoint import load_model as _f
+    return _f(checkpoint)
+
+
+def export(model, path, format="onnx", **kwargs):
+    from dance.network.export import export as _f
+    return _f(model, path, format=format, **kwargs)

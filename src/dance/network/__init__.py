@@ -1,0 +1,1 @@
+"""Network side of DANCE: gated multi-scale models, FLOPs, progressive structural slimming."""

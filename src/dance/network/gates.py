@@ -1,0 +1,134 @@
+"""Gated multi-scale modules (SPEC §1.3).
+
+Every branch of a multi-scale module (an ASPP rate, a pyramid-pooling bin, a resolution stream,
+a context path) has a scalar gate ``g_b`` (init 1) that multiplies its output. Setting a gate to 0
+and removing the branch structurally give the same output; removal makes the model physically
+smaller.
+
+Two pieces live here:
+
+* ``MultiScaleModule``: the protocol every gated module follows (names, gates, removal).
+  Modules whose branches are not "same input, run in parallel, combine" (HRNet streams, BiSeNet
+  context paths) subclass it directly.
+* ``GatedBranches``: the common case, ``x -> [g_b * branch_b(x)] -> combine``, with the two
+  consumers of the field: concat followed by a projection conv (ASPP, PPM) and sum.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from dance.errors import DanceError
+
+
+class MultiScaleModule(nn.Module, abc.ABC):
+    """A module with named, gated, structurally removable branches.
+
+    Subclasses keep their gates in ``self.gates`` (an ``nn.ParameterDict`` of 0-d parameters,
+    one per live branch, in branch order) and implement ``_remove(names)``.
+    """
+
+    gates: nn.ParameterDict
+
+    def branch_names(self) -> list[str]:
+        return list(self.gates.keys())
+
+    def gate(self, name: str) -> nn.Parameter:
+        return self.gates[name]
+
+    def remove_branches(self, names: Iterable[str]) -> None:
+        """Delete the named branches and rewrite their consumers, in place."""
+        names = list(dict.fromkeys(names))
+        live = self.branch_names()
+        for n in names:
+            if n not in live:
+                raise DanceError(f"unknown branch {n!r}; this module has {live}")
+        if len(names) >= len(live):
+            raise DanceError(
+                f"cannot remove branch {names[-1]!r}: it would leave the module with no branch"
+            )
+        with torch.no_grad():
+            self._remove(names)
+        for n in names:
+            del self.gates[n]
+
+    @abc.abstractmethod
+    def _remove(self, names: list[str]) -> None:
+        """Delete the branch modules and slice the consumer; gates are deleted by the caller."""
+
+
+def _new_gates(names: Iterable[str]) -> nn.ParameterDict:
+    return nn.ParameterDict({n: nn.Parameter(torch.ones(())) for n in names})
+
+
+def slice_conv_inputs(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
+    """A copy of ``conv`` that reads only the input channels in ``keep`` (1-d index tensor)."""
+    if conv.groups != 1:
+        raise DanceError("cannot slice the inputs of a grouped convolution")
+    new = nn.Conv2d(
+        len(keep), conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, 1, conv.bias is not None, conv.padding_mode,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[:, keep])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+class GatedBranches(MultiScaleModule):
+    """``x -> combine([g_b * branch_b(x) for b])`` with ``combine`` a concat + projection or a sum.
+
+    ``branches`` maps a name to a module; every branch maps the same input to a tensor of the same
+    spatial size. With ``project`` given (a module whose first layer is an ``nn.Conv2d``), the gated
+    outputs are concatenated along channels and projected; removing a branch deletes the input
+    channels it fed. Without it the gated outputs are summed.
+    """
+
+    def __init__(self, branches: dict[str, nn.Module], branch_channels: dict[str, int] | None = None,
+                 project: nn.Module | None = None):
+        super().__init__()
+        self.branches = nn.ModuleDict(branches)
+        self.gates = _new_gates(branches)
+        self.project = project
+        if project is not None:
+            if branch_channels is None:
+                raise ValueError("branch_channels is required with a projection")
+            self.branch_channels = dict(branch_channels)
+        else:
+            self.branch_channels = dict(branch_channels or {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [self.gates[n] * branch(x) for n, branch in self.branches.items()]
+        if self.project is None:
+            return torch.stack(outputs).sum(0)
+        return self.project(torch.cat(outputs, dim=1))
+
+    def _projection_conv(self) -> tuple[nn.Module, str, nn.Conv2d]:
+        """The first ``nn.Conv2d`` of ``project``, with its parent module and attribute name."""
+        if isinstance(self.project, nn.Conv2d):
+            return self, "project", self.project
+        for parent in self.project.modules():
+            for attr, child in parent.named_children():
+                if isinstance(child, nn.Conv2d):
+                    return parent, attr, child
+        raise TypeError("projection has no Conv2d")
+
+    def _remove(self, names: list[str]) -> None:
+        if self.project is not None:
+            keep, start = [], 0
+            for n in self.branches:
+                c = self.branch_channels[n]
+                if n not in names:
+                    keep.extend(range(start, start + c))
+                start += c
+            parent, attr, conv = self._projection_conv()
+            idx = torch.tensor(keep, dtype=torch.long, device=conv.weight.device)
+            setattr(parent, attr, slice_conv_inputs(conv, idx))
+        for n in names:
+            del self.branches[n]
+            self.branch_channels.pop(n, None)

@@ -1,0 +1,58 @@
+"""Model registry (timm-style): ``@register_model`` next to each model's definition."""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from torch import nn
+
+from dance.errors import DanceError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+# Modules whose import fills the registry. Adding a model family touches its own file and this list.
+_MODEL_MODULES = (
+    "dance.network.models.deeplab",
+    "dance.network.models.pspnet",
+    "dance.network.models.hrnet",
+    "dance.network.models.bisenet",
+    "dance.network.models.torchvision_adapters",
+)
+
+
+def register_model(name: str):
+    def deco(fn: Callable[..., nn.Module]):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def _load_all() -> None:
+    for mod in _MODEL_MODULES:
+        importlib.import_module(mod)
+
+
+def list_models() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, num_classes: int, pretrained_backbone: str | None = None,
+                **kwargs) -> nn.Module:
+    """Build a registered model. It takes RGB floats in [0, 1], shaped (N, 3, H, W), normalises
+    inside, and returns logits (N, num_classes, H, W).
+
+    The model remembers how it was built (``model.dance_arch``) so a checkpoint can rebuild it.
+    """
+    _load_all()
+    if name not in _REGISTRY:
+        raise DanceError(f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise DanceError(f"num_classes must be a positive integer, got {num_classes!r}")
+    model = _REGISTRY[name](num_classes=num_classes, pretrained_backbone=pretrained_backbone,
+                            **kwargs)
+    model.dance_arch = {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs),
+                        "removed": []}
+    return model

@@ -1,0 +1,12 @@
+import os
+
+import pytest
+
+# Tests never touch the network or a GPU and stay small enough for 2 cores.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.fixture
+def rng():
+    import numpy as np
+    return np.random.default_rng(0)
