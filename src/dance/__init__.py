@@ -33,12 +33,12 @@ def build_model(name, num_classes, pretrained_backbone=None, **kwargs):
 
 
 def branches(model):
-    from dance.network.slimming import branches as _f
+    from dance.network.gates import branches as _f
     return _f(model)
 
 
 def remove_branches(model, names):
-    from dance.network.slimming import remove_branches as _f
+    from dance.network.gates import remove_branches as _f
     return _f(model, names)
 
 
