@@ -88,6 +88,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--indicator", default=None, help="which indicator of the CSV (default: first)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = command("train", "dance.engine.train:cli_train",
+                "train one run (plain, or DANCE when slimming is enabled in the config)")
+    p.add_argument("--config", required=True, help="YAML config (SPEC §4 shape)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.epochs=2 data_slimming.budget=0.4")
+    p.add_argument("--out", default=None, help="run folder (metrics.json, checkpoint/)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = command("eval", "dance.engine.inference:cli_eval",
+                "evaluate a trained run or checkpoint on a dataset split")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    _dataset_args(p, split_default="val")
+    p.add_argument("--mode", choices=("whole", "slide"), default=None,
+                   help="whole-image or sliding-window inference (default: as trained)")
+    p.add_argument("--crop", type=_size, default=None, help="sliding-window size HxW")
+    p.add_argument("--adaptive-resolution", action="store_true",
+                   help="complexity-guided input resolution (SPEC §1.5)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = command("export", "dance.engine.inference:cli_export",
+                "export a trained (slimmed) model to ONNX or TorchScript")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"))
+    p.add_argument("--out", required=True, help="output file")
+
+    p = command("compare", "dance.report.compare:cli_compare",
+                "train DANCE side by side with the plain run and the alternatives; write a report")
+    p.add_argument("--config", required=True, help="YAML config (SPEC §4 shape)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.add_argument("--runs", default="baseline,uniform,progressive,shuffled,data,network,dance",
+                   help="comma-separated run kinds (baseline is always included)")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every run with N seeds")
+    p.add_argument("--out", default=None, help="report folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = command("demo", "dance.report.demo:cli_demo",
+                "SynthStreets + compare (baseline, uniform, dance at budget 0.5): the embedded default")
+    p.add_argument("--out", default="dance-demo", help="output folder (data, runs, report)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     return parser
 
 
