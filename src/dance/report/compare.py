@@ -1,0 +1,219 @@
+"""`dance compare`: DANCE side by side with what users would otherwise pick (SPEC §4 compare).
+
+Every run shares the config's data, model, epochs and seed; only the data plan and the network
+slimming differ:
+
+| run         | data plan                                         | network slimming |
+|-------------|---------------------------------------------------|------------------|
+| baseline    | plain (every image, full scale)                   | off              |
+| uniform     | every image at sqrt(budget)                       | off              |
+| progressive | one scale per epoch, growing, equal total FLOPs   | off              |
+| shuffled    | DANCE's plan permuted across images (no guidance) | off              |
+| data        | DANCE's plan                                      | off              |
+| network     | plain                                             | on               |
+| dance       | DANCE's plan                                      | on               |
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dance.engine.config import RunConfig, load_config
+from dance.errors import DanceError
+from dance.fileio import atomic_write_json, atomic_write_text
+
+RUN_KINDS = ("baseline", "uniform", "progressive", "shuffled", "data", "network", "dance")
+RATIO_FIELDS = {"train_gflops": "train_gflops_total", "infer_gflops": "gflops",
+                "train_seconds": "train_seconds", "energy_joules": "energy_joules"}
+SUMMARY_FIELDS = ("miou", "pixel_acc", "train_gflops_total", "train_seconds", "energy_joules",
+                  "gflops", "params", "latency_ms", "peak_memory_mb", "planned_cost",
+                  "realised_cost", "images_per_second")
+
+
+def run_config(base: RunConfig, kind: str, seed: int) -> RunConfig:
+    """The config of one compared run."""
+    if kind not in RUN_KINDS:
+        raise DanceError(f"unknown run kind {kind!r}; choose from {', '.join(RUN_KINDS)}")
+    cfg = base.model_copy(deep=True)
+    cfg.train.seed = seed
+    data_on = kind in ("uniform", "progressive", "shuffled", "data", "dance")
+    cfg.data_slimming.enabled = data_on
+    if data_on:
+        cfg.data_slimming.policy = kind if kind in ("uniform", "progressive", "shuffled") \
+            else "dance"
+    cfg.network_slimming.enabled = kind in ("network", "dance")
+    return cfg
+
+
+def parse_runs(text: str) -> list[str]:
+    runs = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in runs if r not in RUN_KINDS]
+    if bad or not runs:
+        raise DanceError(f"--runs: unknown run kind(s) {bad or text!r}; "
+                         f"choose from {','.join(RUN_KINDS)}")
+    if "baseline" not in runs:
+        runs.insert(0, "baseline")  # every ratio is relative to the plain run
+    return list(dict.fromkeys(runs))
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.array([v for v in values if v is not None], dtype=np.float64)
+    if len(arr) == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def aggregate(per_seed: dict[str, list[dict]]) -> dict:
+    """Mean (and std over seeds) of every run's metrics; ratios to the baseline (SPEC §4)."""
+    runs = {}
+    for kind, ms in per_seed.items():
+        agg = dict(ms[0])  # non-numeric fields (per-class IoU, history...) of the first seed
+        for f in SUMMARY_FIELDS:
+            if f in ms[0]:
+                mean, std = _mean_std([m.get(f) for m in ms])
+                agg[f] = mean
+                agg[f"{f}_std"] = std
+        agg["seeds"] = len(ms)
+        agg["per_seed_miou"] = [m["miou"] for m in ms]
+        runs[kind] = agg
+    base = runs["baseline"]
+    ratios = {}
+    for kind, r in runs.items():
+        ratios[kind] = {name: (r[f] / base[f] if base.get(f) else float("nan"))
+                        for name, f in RATIO_FIELDS.items()}
+        ratios[kind]["miou_delta"] = r["miou"] - base["miou"]
+        noise = max(r.get("miou_std", 0.0), base.get("miou_std", 0.0))
+        ratios[kind]["within_noise"] = bool(r["seeds"] > 1 and kind != "baseline"
+                                            and abs(ratios[kind]["miou_delta"]) < noise)
+    return {"runs": runs, "ratios": ratios}
+
+
+def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1,
+            progress: bool = True, plots: bool = True) -> dict:
+    """Train every run kind with the same data, model, epochs and seeds; write the report."""
+    from dance.engine.train import train
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    score_cache = out_dir / "scores.cache.json"  # scored once, shared by every run
+    per_seed: dict[str, list[dict]] = {k: [] for k in runs}
+    run_dirs: dict[str, list[str]] = {k: [] for k in runs}
+    for s in range(seeds):
+        seed = cfg.train.seed + s
+        for kind in runs:
+            folder = out_dir / "runs" / (kind if seeds == 1 else f"{kind}-seed{seed}")
+            if progress:
+                print(f"[compare] {kind} (seed {seed}) -> {folder}", file=sys.stderr)
+            metrics_file = folder / "metrics.json"
+            if metrics_file.exists():  # a finished run is reused, so an interrupted compare resumes
+                import json
+                m = json.loads(metrics_file.read_text())
+            else:
+                m = train(run_config(cfg, kind, seed), folder, resume=True, progress=progress,
+                          score_cache=score_cache)
+            per_seed[kind].append(m)
+            run_dirs[kind].append(str(folder))
+    report = aggregate(per_seed)
+    report["config"] = cfg.to_dict()
+    report["seeds"] = seeds
+    report["run_dirs"] = run_dirs
+    report["plots"] = []
+    if plots:
+        from dance.report.plots import make_plots
+        report["plots"] = make_plots(report, cfg, out_dir)
+    atomic_write_json(out_dir / "report.json", _jsonable(report))
+    atomic_write_text(out_dir / "report.md", render_markdown(report))
+    return report
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def _pm(mean: float, std: float, seeds: int, fmt: str = "{:.2f}") -> str:
+    s = fmt.format(mean)
+    return s + (" ± " + fmt.format(std) if seeds > 1 else "")
+
+
+def summary_table(report: dict) -> str:
+    """The compact table `dance demo` prints and report.md opens with."""
+    rows = ["| run | mIoU | Δ mIoU | train GFLOPs (×base) | wall time (×base) | "
+            "infer GFLOPs (×base) | realised / planned cost | removed branches |",
+            "|---|---|---|---|---|---|---|---|"]
+    for kind, r in report["runs"].items():
+        q = report["ratios"][kind]
+        delta = f"{q['miou_delta']:+.2f}" + (" (within noise)" if q["within_noise"] else "")
+        rows.append(
+            f"| {kind} | {_pm(r['miou'], r.get('miou_std', 0), r['seeds'])} | {delta} | "
+            f"{r['train_gflops_total']:.0f} ({q['train_gflops']:.2f}×) | "
+            f"{r['train_seconds']:.0f} s ({q['train_seconds']:.2f}×) | "
+            f"{r['gflops']:.2f} ({q['infer_gflops']:.2f}×) | "
+            f"{r['realised_cost']:.3f} / {r['planned_cost']:.3f} | "
+            f"{', '.join(r.get('removed_branches') or []) or '—'} |")
+    return "\n".join(rows)
+
+
+def render_markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = [
+        "# dance compare",
+        "",
+        f"Dataset `{cfg['dataset']['name']}` ({cfg['dataset']['root']}), model "
+        f"`{cfg['model']['name']}`, {cfg['train']['epochs']} epochs, crop "
+        f"{cfg['train']['crop'][0]}×{cfg['train']['crop'][1]}, budget "
+        f"{cfg['data_slimming']['budget']}, {report['seeds']} seed(s). mIoU on the "
+        f"`{cfg['dataset']['val_split']}` split, in points. Ratios are over the baseline "
+        "(plain run) measured in the same compare. Training GFLOPs are counted "
+        "(torch.utils.flop_counter, forward+backward at each step's real shape); energy is "
+        f"{_energy_kind(report)}.",
+        "",
+        summary_table(report),
+        "",
+    ]
+    if report["seeds"] > 1:
+        lines += ["A Δ mIoU smaller than the spread (std) across seeds is marked "
+                  "\"within noise\".", ""]
+    for name, r in report["runs"].items():
+        ev = r.get("prune_events") or []
+        if ev:
+            lines += [f"## Branch importance at each pruning point ({name})", "",
+                      "| progress | branch | gate | loss rise | GFLOPs saved | removed |",
+                      "|---|---|---|---|---|---|"]
+            for e in ev:
+                for b, imp in e["importance"].items():
+                    lines.append(
+                        f"| {e['progress']:.0%} | {b} | {imp.get('gate', float('nan')):.3f} | "
+                        f"{imp.get('loss_rise', float('nan')):+.4f} | "
+                        f"{imp.get('gflops_saved', float('nan')):.3f} | "
+                        f"{'yes' if b in e['removed'] else ''} |")
+            lines.append("")
+    for p in report.get("plots", []):
+        lines += [f"![{Path(p).stem}]({Path(p).name})", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _energy_kind(report: dict) -> str:
+    kinds = {r.get("energy_kind") for r in report["runs"].values()}
+    return " and ".join(sorted(k for k in kinds if k)) or "unknown"
+
+
+def cli_compare(args) -> int:
+    from dance.engine.config import config_from_dict
+    cfg = load_config(args.config, args.overrides)
+    cfg = config_from_dict(cfg.to_dict(), args.config)
+    runs = parse_runs(args.runs)
+    if args.seeds < 1:
+        raise DanceError(f"--seeds must be at least 1, got {args.seeds}")
+    out = Path(args.out) if args.out else Path("runs") / "compare"
+    report = compare(cfg, runs, out, seeds=args.seeds, progress=not args.quiet)
+    print(summary_table(report))
+    print(f"report: {out / 'report.md'}")
+    return 0

@@ -1,0 +1,201 @@
+"""The report's plots (SPEC §5): complexity histogram with the plan, scale distribution, gate
+trajectories with removal points, training cost vs mIoU, mIoU vs inference FLOPs, and baseline vs
+DANCE predictions. Each plot is skipped (not faked) when the runs it needs are not in the compare.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dance.engine.config import RunConfig  # noqa: E402
+
+_GUIDED = ("dance", "data", "shuffled")  # runs whose plan is complexity-derived
+
+
+def _plan_run(report: dict) -> str | None:
+    return next((k for k in _GUIDED if k in report["run_dirs"]), None)
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_complexity(plan_json: dict, path: Path) -> str:
+    per = plan_json["per_image"]
+    score = np.array([p["score"] for p in per])
+    order = np.argsort(score)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(score, bins=30, color="#9bb7d4", edgecolor="white", label="images")
+    ax.set_xlabel(f"spatial complexity ({plan_json.get('indicator', 'score')})")
+    ax.set_ylabel("images")
+    ax2 = ax.twinx()
+    ax2.plot(score[order], np.array([p["scale"] for p in per])[order], color="#d1495b",
+             lw=2, label="scale")
+    ax2.plot(score[order], np.array([p["keep_prob"] for p in per])[order], color="#00798c",
+             lw=2, ls="--", label="keep probability")
+    ax2.plot(score[order], np.array([p["weight"] for p in per])[order], color="#edae49",
+             lw=1.5, ls=":", label="loss weight")
+    ax2.set_ylabel("policy")
+    ax2.set_ylim(0, max(1.6, max(p["weight"] for p in per) * 1.1))
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
+    ax.set_title(f"Complexity and the data plan (budget {plan_json['budget']}, "
+                 f"predicted cost {plan_json['predicted_cost']:.3f})")
+    return _save(fig, path)
+
+
+def plot_scales(plan_json: dict, epochs: int, path: Path) -> str:
+    from dance.data.plan import DataSlimmingPlan
+    p = DataSlimmingPlan.from_json(plan_json)
+    scale_set = sorted(p.scale_set)
+    counts = np.zeros((epochs, len(scale_set)))
+    for e in range(epochs):
+        pol = p.epoch_policy(e, epochs)
+        for j, s in enumerate(scale_set):
+            counts[e, j] = float(pol.keep_prob[np.isclose(pol.scale, s)].sum())
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = np.zeros(epochs)
+    cmap = plt.get_cmap("viridis")
+    for j, s in enumerate(scale_set):
+        ax.bar(np.arange(1, epochs + 1), counts[:, j], bottom=bottom, label=f"{s:g}×",
+               color=cmap(j / max(len(scale_set) - 1, 1)))
+        bottom += counts[:, j]
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("expected images trained")
+    ax.set_title("Scale distribution per epoch (expected, after drops)")
+    ax.legend(title="scale", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_gates(metrics: dict, path: Path, run: str) -> str:
+    hist = metrics.get("history", [])
+    names = sorted({n for h in hist for n in h.get("gates", {})})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for n in names:
+        xs = [h["epoch"] for h in hist if n in h["gates"]]
+        ys = [h["gates"][n] for h in hist if n in h["gates"]]
+        ax.plot([0] + xs, [1.0] + ys, marker="o", ms=3, label=n)
+    epochs = len(hist) or 1
+    for ev in metrics.get("prune_events", []):
+        x = ev["progress"] * epochs
+        ax.axvline(x, color="grey", ls="--", lw=1)
+        if ev["removed"]:
+            ax.text(x, ax.get_ylim()[1], " removed " + ", ".join(ev["removed"]), rotation=90,
+                    va="top", fontsize=7)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("gate value")
+    ax.set_title(f"Branch gates ({run}); dashed lines: pruning points")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def plot_cost_vs_miou(report: dict, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for kind, r in report["runs"].items():
+        x = report["ratios"][kind]["train_gflops"]
+        ax.errorbar(x, r["miou"], yerr=r.get("miou_std", 0) or None, fmt="o", capsize=3)
+        ax.annotate(f"{kind}\n(infer ×{report['ratios'][kind]['infer_gflops']:.2f})", (x, r["miou"]),
+                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("training GFLOPs / baseline")
+    ax.set_ylabel("mIoU (points)")
+    ax.set_title("Training cost vs accuracy")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_miou_vs_flops(curve: list[dict], path: Path, run: str) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fixed = [c for c in curve if c["name"] != "adaptive"]
+    ax.plot([c["mean_gflops"] for c in fixed], [c["miou"] for c in fixed], marker="o",
+            label="fixed input scale")
+    for c in fixed:
+        ax.annotate(c["name"], (c["mean_gflops"], c["miou"]), textcoords="offset points",
+                    xytext=(5, -10), fontsize=8)
+    for c in curve:
+        if c["name"] == "adaptive":
+            ax.plot(c["mean_gflops"], c["miou"], marker="*", ms=14, ls="none",
+                    label="complexity-guided scale")
+    ax.set_xlabel("inference GFLOPs per image (mean)")
+    ax.set_ylabel("mIoU (points)")
+    ax.set_title(f"Inference resolution: mIoU vs FLOPs ({run})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _colorize(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    cmap = plt.get_cmap("tab20", max(num_classes, 2))
+    lut = (np.array([cmap(i)[:3] for i in range(num_classes)]) * 255).astype(np.uint8)
+    out = np.zeros(mask.shape + (3,), dtype=np.uint8)
+    valid = mask < num_classes
+    out[valid] = lut[mask[valid]]
+    return out
+
+
+def plot_predictions(report: dict, cfg: RunConfig, path: Path, n: int = 3) -> str:
+    import torch
+
+    from dance.data.datasets import open_dataset
+    from dance.engine.checkpoint import load_model
+    ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
+    runs = [k for k in ("baseline", "dance") if k in report["run_dirs"]]
+    models = {k: load_model(report["run_dirs"][k][0]) for k in runs}
+    idx = np.linspace(0, len(ds) - 1, n).round().astype(int)
+    fig, axes = plt.subplots(n, 2 + len(runs), figsize=(3.2 * (2 + len(runs)), 1.9 * n))
+    axes = np.atleast_2d(axes)
+    for row, i in enumerate(idx):
+        image, mask = ds.load(int(i))
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        panels = [("image", image), ("ground truth", _colorize(mask, ds.num_classes))]
+        for k, m in models.items():
+            with torch.no_grad():
+                pred = m(x).argmax(1)[0].numpy().astype(np.uint8)
+            pred[mask == 255] = 255
+            panels.append((k, _colorize(pred, ds.num_classes)))
+        for col, (title, im) in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(im)
+            ax.set_axis_off()
+            if row == 0:
+                ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def make_plots(report: dict, cfg: RunConfig, out_dir: Path) -> list[str]:
+    out_dir = Path(out_dir)
+    made = []
+    plan_run = _plan_run(report)
+    if plan_run:
+        plan_file = Path(report["run_dirs"][plan_run][0]) / "plan.json"
+        plan_json = json.loads(plan_file.read_text())
+        plan_json.setdefault("indicator", cfg.data_slimming.indicator)
+        made.append(plot_complexity(plan_json, out_dir / "complexity_plan.png"))
+        made.append(plot_scales(plan_json, cfg.train.epochs, out_dir / "scale_distribution.png"))
+    gated = next((k for k in ("dance", "network") if k in report["runs"]), None)
+    if gated:
+        made.append(plot_gates(report["runs"][gated], out_dir / "gates.png", gated))
+    made.append(plot_cost_vs_miou(report, out_dir / "cost_vs_miou.png"))
+    curve_run = next((k for k in ("dance", "data") if k in report["runs"]), None)
+    if curve_run and plan_run:
+        from dance.data.datasets import open_dataset
+        from dance.engine.checkpoint import load_model
+        from dance.engine.evaluate import miou_flops_curve
+        ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
+        scores = np.array([p["score"] for p in plan_json["per_image"]])
+        model = load_model(report["run_dirs"][curve_run][0])
+        curve = miou_flops_curve(model, ds, scores, device="cpu")
+        report["runs"][curve_run]["miou_flops_curve"] = curve
+        made.append(plot_miou_vs_flops(curve, out_dir / "miou_vs_flops.png", curve_run))
+    if "baseline" in report["run_dirs"]:
+        made.append(plot_predictions(report, cfg, out_dir / "predictions.png"))
+    return made
