@@ -1,0 +1,301 @@
+"""Dataset readers for the layouts of SPEC §3.
+
+Every layout is read by one generic reader, parameterised by where its images and masks live, how
+a mask is named after its image, and a look-up table (LUT) from raw mask value to train id. The
+LUT is the one place in the project that maps label ids to train ids.
+
+Raw value 255 is accepted as ignore in every layout: it is the project's ignore index, and it is
+what Cityscapes' license plate id -1 becomes in a uint8 mask.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dance.data.io import read_image, read_mask
+from dance.errors import DanceError
+
+DATASETS = ("cityscapes", "camvid", "bdd100k", "ade20k", "folder", "synth")
+SPLITS = ("train", "val", "test")
+IGNORE_INDEX = 255
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the `folder` layout's images
+
+CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
+                  "Car", "Pedestrian", "Bicyclist")
+
+# ADE20K SceneParsing objectInfo150 names, in label order 1..150.
+ADE20K_CLASSES = (
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass",
+    "cabinet", "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain",
+    "chair", "car", "water", "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field",
+    "armchair", "seat", "fence", "desk", "rock", "wardrobe", "lamp", "bathtub", "railing",
+    "cushion", "base", "box", "column", "signboard", "chest of drawers", "counter", "sand", "sink",
+    "skyscraper", "fireplace", "refrigerator", "grandstand", "path", "stairs", "runway", "case",
+    "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase", "blind",
+    "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
+    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth",
+    "television receiver", "airplane", "dirt track", "apparel", "pole", "land", "bannister",
+    "escalator", "ottoman", "bottle", "buffet", "poster", "stage", "van", "ship", "fountain",
+    "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool", "barrel",
+    "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step",
+    "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen",
+    "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan",
+    "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator", "glass",
+    "clock", "flag",
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its label mask. ``mask`` is None when the mask file is missing."""
+
+    id: str  # relative stem, e.g. "aachen/aachen_000000_000019"
+    image: Path
+    mask: Path | None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a layout keeps a split, relative to the root (``{split}``: the split's folder)."""
+
+    image_dir: str
+    mask_dir: str
+    image_suffixes: tuple[str, ...]  # file-name endings that mark an image (case-insensitive)
+    mask_suffix: str  # replaces the image suffix to name the mask
+    subfolders: bool = False  # images sit one folder deeper (Cityscapes' cities)
+    split_folders: dict[str, str] = field(default_factory=dict)  # split -> folder, if they differ
+
+
+_CITYSCAPES = _Layout("leftImg8bit/{split}", "gtFine/{split}", ("_leftImg8bit.png",),
+                      "_gtFine_labelIds.png", subfolders=True)
+_LAYOUTS = {
+    "cityscapes": _CITYSCAPES,
+    "synth": _CITYSCAPES,
+    "camvid": _Layout("{split}", "{split}annot", (".png",), ".png"),
+    "bdd100k": _Layout("images/10k/{split}", "labels/sem_seg/masks/{split}", (".jpg",), ".png"),
+    "ade20k": _Layout("ADEChallengeData2016/images/{split}",
+                      "ADEChallengeData2016/annotations/{split}", (".jpg",), ".png",
+                      split_folders={"train": "training", "val": "validation", "test": "testing"}),
+    "folder": _Layout("images/{split}", "masks/{split}", IMAGE_SUFFIXES, ".png"),
+}
+
+
+@dataclass
+class SegmentationDataset:
+    """One split of a dataset: its samples and how raw mask values map to train ids."""
+
+    name: str
+    root: Path
+    split: str
+    class_names: list[str]  # train classes in train-id order
+    samples: list[Sample]  # sorted by id
+    lut: np.ndarray  # (256,) uint8: raw mask value -> train id (255 = ignore)
+    valid_raw: np.ndarray  # (256,) bool: raw values that are in the class table
+    image_dir: Path  # the split's image folder (named by errors about the split)
+    mask_dir: Path
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def expected_mask(self, sample: Sample) -> Path:
+        """Where ``sample``'s mask should be, whether or not it exists."""
+        return self.mask_dir / (sample.id + _LAYOUTS[self.name].mask_suffix)
+
+    def split_problem(self) -> str | None:
+        """Why the split holds no samples (missing or empty folder), or None if it has samples."""
+        if self.samples:
+            return None
+        if not self.image_dir.is_dir():
+            return f"split folder missing: {self.image_dir}"
+        return (f"split is empty: no {'/'.join(_LAYOUTS[self.name].image_suffixes)} images "
+                f"in {self.image_dir}")
+
+    def map_mask(self, raw: np.ndarray, path: str | os.PathLike | None = None) -> np.ndarray:
+        """Raw mask values -> uint8 train ids; DanceError naming the file and any value outside
+        the class table."""
+        mask_value_counts(raw, self.valid_raw, path)
+        return self.lut[raw]
+
+    def class_pixel_counts(self, value_counts: np.ndarray) -> tuple[np.ndarray, int]:
+        """Per-train-class pixel counts and ignore pixels from a (256,) raw-value histogram."""
+        per_train_id = np.zeros(256, dtype=np.int64)
+        np.add.at(per_train_id, self.lut, value_counts)
+        return per_train_id[: self.num_classes], int(per_train_id[self.ignore_index])
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(image HxWx3 uint8 RGB, mask HxW uint8 train ids)`` of sample ``i``."""
+        sample = self.samples[i]
+        if sample.mask is None:
+            raise DanceError(f"{sample.image}: {missing_mask_problem(self.expected_mask(sample))}")
+        image = read_image(sample.image)
+        raw = read_mask(sample.mask)
+        if raw.shape != image.shape[:2]:
+            problem = size_mismatch_problem(raw.shape, image.shape[:2], sample.image)
+            raise DanceError(f"{sample.mask}: {problem}")
+        return image, self.map_mask(raw, sample.mask)
+
+
+# Problem texts shared by `load` (as DanceError) and `dance check-data` (as report entries).
+def missing_mask_problem(expected: Path) -> str:
+    return f"mask missing (expected {expected})"
+
+
+def size_mismatch_problem(mask_hw: tuple[int, ...], image_hw: tuple[int, ...], image: Path) -> str:
+    return (f"mask is {mask_hw[0]}x{mask_hw[1]} (HxW) but its image {image} is "
+            f"{image_hw[0]}x{image_hw[1]}")
+
+
+def mask_value_counts(raw: np.ndarray, valid_raw: np.ndarray,
+                      path: str | os.PathLike | None = None) -> np.ndarray:
+    """(256,) int64 pixel count per raw mask value; DanceError naming the file and every value
+    outside the class table ``valid_raw``."""
+    where = f"{path}: " if path is not None else ""
+    if raw.dtype != np.uint8 and raw.size and (raw.min() < 0 or raw.max() > 255):
+        # 16-bit or signed masks: values beyond uint8 cannot be in any table.
+        values, pixels = np.unique(raw[(raw < 0) | (raw > 255)], return_counts=True)
+        raise DanceError(f"{where}{_bad_values_text(values, int(pixels.sum()))}")
+    counts = np.bincount(raw.ravel().astype(np.intp, copy=False), minlength=256)
+    bad = (counts > 0) & ~valid_raw
+    if bad.any():
+        raise DanceError(f"{where}{_bad_values_text(np.flatnonzero(bad), int(counts[bad].sum()))}")
+    return counts
+
+
+def _bad_values_text(values: np.ndarray, pixels: int) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+    return f"mask values outside the class table: {shown} ({pixels} pixels)"
+
+
+def _lut(pairs: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(lut, valid_raw) from {raw value: train id}; raw 255 is always valid and ignored."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    valid = np.zeros(256, dtype=bool)
+    for raw, train_id in pairs.items():
+        if 0 <= raw <= 255:  # ids a uint8 mask cannot hold (license plate, -1) never occur
+            lut[raw] = train_id
+            valid[raw] = True
+    valid[IGNORE_INDEX] = True
+    return lut, valid
+
+
+def _cityscapes_table() -> tuple[list[str], dict[int, int]]:
+    """Train class names and {label id: train id} from torchvision's copy of the official table."""
+    from torchvision.datasets import Cityscapes
+
+    classes = Cityscapes.classes
+    trained = sorted(
+        (c for c in classes if 0 <= c.train_id < IGNORE_INDEX and not c.ignore_in_eval),
+        key=lambda c: c.train_id)
+    train_ids = {c.id: c.train_id for c in trained}
+    return [c.name for c in trained], {c.id: train_ids.get(c.id, IGNORE_INDEX) for c in classes}
+
+
+def _read_class_names(root: Path) -> list[str]:
+    """The `folder` layout's classes: ``classes.json`` (a JSON list), else ``classes.txt`` (one a
+    line); both present must agree."""
+    json_path, txt_path = root / "classes.json", root / "classes.txt"
+    names = None
+    if json_path.is_file():
+        try:
+            names = json.loads(json_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DanceError(f"{json_path}: not valid JSON ({e})") from None
+        if not (isinstance(names, list) and names
+                and all(isinstance(n, str) and n.strip() for n in names)):
+            raise DanceError(f"{json_path}: expected a non-empty JSON list of class names")
+        names = [n.strip() for n in names]
+        path = json_path
+    if txt_path.is_file():
+        try:
+            txt_names = [line.strip() for line in txt_path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError as e:
+            raise DanceError(f"{txt_path}: not UTF-8 text ({e})") from None
+        txt_names = [n for n in txt_names if n]
+        if not txt_names:
+            raise DanceError(f"{txt_path}: no class names (expected one name a line)")
+        if names is not None and names != txt_names:
+            raise DanceError(f"{txt_path}: disagrees with {json_path}; keep one class file")
+        names, path = txt_names, txt_path
+    if names is None:
+        raise DanceError(f"{json_path}: class file missing (or classes.txt, one name a line)")
+    if len(names) > IGNORE_INDEX:
+        raise DanceError(f"{path}: {len(names)} classes; at most {IGNORE_INDEX} fit below the "
+                         f"ignore value {IGNORE_INDEX}")
+    if len(set(names)) != len(names):
+        raise DanceError(f"{path}: class names repeat")
+    return names
+
+
+def _class_table(name: str, root: Path) -> tuple[list[str], dict[int, int]]:
+    """Train class names and {raw mask value: train id} of a layout."""
+    if name in ("cityscapes", "synth"):
+        return _cityscapes_table()
+    if name == "bdd100k":  # masks already hold Cityscapes train ids
+        names, _ = _cityscapes_table()
+        return names, {i: i for i in range(len(names))}
+    if name == "camvid":
+        return list(CAMVID_CLASSES), {**{i: i for i in range(11)}, 11: IGNORE_INDEX}
+    if name == "ade20k":
+        return list(ADE20K_CLASSES), {0: IGNORE_INDEX, **{i + 1: i for i in range(150)}}
+    names = _read_class_names(root)  # folder
+    return names, {i: i for i in range(len(names))}
+
+
+def _list_samples(layout: _Layout, image_dir: Path, mask_dir: Path) -> list[Sample]:
+    pattern = "*/*" if layout.subfolders else "*"
+    suffixes = tuple(s.lower() for s in layout.image_suffixes)
+    samples: dict[str, Sample] = {}
+    for image in image_dir.glob(pattern):
+        lower = image.name.lower()
+        # Dotfiles (e.g. macOS "._x.png" resource forks from an unpacked archive) are not images.
+        if image.name.startswith(".") or not lower.endswith(suffixes) or not image.is_file():
+            continue
+        suffix = next(s for s in suffixes if lower.endswith(s))
+        sample_id = image.relative_to(image_dir).as_posix()[: -len(suffix)]
+        if sample_id in samples:
+            raise DanceError(f"{image}: same name as {samples[sample_id].image}; both would use "
+                             f"the mask {mask_dir / (sample_id + layout.mask_suffix)}")
+        mask = mask_dir / (sample_id + layout.mask_suffix)
+        samples[sample_id] = Sample(sample_id, image, mask if mask.is_file() else None)
+    return [samples[k] for k in sorted(samples)]
+
+
+def open_dataset(name: str, root: str | os.PathLike, split: str, *,
+                 allow_empty: bool = False) -> SegmentationDataset:
+    """Open one split of a dataset in one of the layouts of SPEC §3.
+
+    Raises DanceError for an unknown name or split, a missing root, a missing or malformed class
+    file, and (unless ``allow_empty``, which `dance check-data` uses to report it) a missing or
+    empty split folder.
+    """
+    if name not in _LAYOUTS:
+        raise DanceError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise DanceError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DanceError(f"{root}: dataset root not found")
+    layout = _LAYOUTS[name]
+    folder = layout.split_folders.get(split, split)
+    image_dir = root / layout.image_dir.format(split=folder)
+    mask_dir = root / layout.mask_dir.format(split=folder)
+    class_names, pairs = _class_table(name, root)
+    lut, valid_raw = _lut(pairs)
+    samples = _list_samples(layout, image_dir, mask_dir) if image_dir.is_dir() else []
+    dataset = SegmentationDataset(name=name, root=root, split=split, class_names=class_names,
+                                  samples=samples, lut=lut, valid_raw=valid_raw,
+                                  image_dir=image_dir, mask_dir=mask_dir)
+    problem = dataset.split_problem()
+    if problem and not allow_empty:
+        raise DanceError(f"{name} {split}: {problem}")
+    return dataset
