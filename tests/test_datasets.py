@@ -244,4 +244,4 @@ def test_same_stem_twice_is_ambiguous(tmp_path):
 
 def test_cli_offers_exactly_the_readers():
     from dance import cli
-    assert DATASETS == cli.DATASETS
+    assert cli.DATASETS is DATASETS

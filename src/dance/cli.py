@@ -10,9 +10,9 @@ import importlib
 import sys
 import traceback
 
+from dance.data.datasets import DATASETS
 from dance.errors import DanceError
 
-DATASETS = ("cityscapes", "camvid", "bdd100k", "ade20k", "folder", "synth")
 INDICATORS = ("si", "gradient", "edges", "entropy", "jpeg", "label_boundary", "label_aliasing")
 
 

@@ -16,7 +16,8 @@ Two pieces live here:
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -61,7 +62,9 @@ class MultiScaleModule(nn.Module, abc.ABC):
 
 
 def _new_gates(names: Iterable[str]) -> nn.ParameterDict:
-    return nn.ParameterDict({n: nn.Parameter(torch.ones(())) for n in names})
+    # A list of pairs, not a dict: ParameterDict sorts a plain dict's keys, and gates must stay
+    # in branch order.
+    return nn.ParameterDict([(n, nn.Parameter(torch.ones(()))) for n in names])
 
 
 def slice_conv_inputs(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
@@ -132,3 +135,74 @@ class GatedBranches(MultiScaleModule):
         for n in names:
             del self.branches[n]
             self.branch_channels.pop(n, None)
+
+
+# --- Model-level branch API (SPEC §4: dance.branches / dance.remove_branches) -----------------
+
+@dataclass
+class BranchInfo:
+    """One branch of one multi-scale module of a model."""
+
+    name: str            # f"{module_path}.{branch}", e.g. "aspp.rate18"
+    gate: float          # current value of its gate g_b
+    gflops_share: float  # FLOPs saved by removing this branch alone / the model's FLOPs
+    module_path: str     # where the MultiScaleModule sits in the model, e.g. "aspp"
+    branch: str          # the branch's name inside its module, e.g. "rate18"
+
+
+def multiscale_modules(model: nn.Module) -> list[tuple[str, MultiScaleModule]]:
+    """Every MultiScaleModule of ``model`` with its path, in module order."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, MultiScaleModule)]
+
+
+def _full_name(path: str, branch: str) -> str:
+    return f"{path}.{branch}" if path else branch
+
+
+def branches(model: nn.Module, input_shape: Sequence[int] = (1, 3, 512, 1024)
+             ) -> list[BranchInfo]:
+    """Every branch of every multi-scale module, with its gate and its share of the model's FLOPs
+    at ``input_shape``: what removing that branch alone would save (counted on meta copies,
+    cached). A module's last live branch cannot be removed, so its share is 0."""
+    from dance.network.flops import count_gflops, meta_copy
+
+    total = count_gflops(model, input_shape)
+    infos = []
+    for path, module in multiscale_modules(model):
+        live = module.branch_names()
+        for name in live:
+            saved = 0.0
+            if len(live) > 1:
+                slimmer = meta_copy(model)
+                slimmer.get_submodule(path).remove_branches([name])
+                saved = total - count_gflops(slimmer, input_shape)
+            infos.append(BranchInfo(_full_name(path, name), float(module.gates[name].detach()),
+                                    saved / total if total else 0.0, path, name))
+    return infos
+
+
+def remove_branches(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """Remove the named branches (``"aspp.rate18"`` ...) structurally, in place; record them in
+    ``model.dance_arch["removed"]`` in order, so a checkpoint can rebuild the slimmed model.
+    Unknown names and removing a module's last branch are DanceErrors, raised before anything
+    is removed. FLOPs caches are keyed by architecture, so counts follow automatically."""
+    names = list(dict.fromkeys(names))
+    modules = dict(multiscale_modules(model))
+    by_module: dict[str, list[str]] = {}
+    for full in names:
+        path, _, branch = full.rpartition(".")
+        module = modules.get(path)
+        if module is None or branch not in module.branch_names():
+            known = [_full_name(p, b) for p, m in modules.items() for b in m.branch_names()]
+            raise DanceError(f"unknown branch {full!r}; the model has {', '.join(known)}")
+        by_module.setdefault(path, []).append(branch)
+    for path, removed in by_module.items():
+        if len(removed) >= len(modules[path].branch_names()):
+            raise DanceError(f"cannot remove branch {_full_name(path, removed[-1])!r}: it is the "
+                             f"last branch of {path or 'the model'!r}")
+    for path, removed in by_module.items():
+        modules[path].remove_branches(removed)
+    arch = getattr(model, "dance_arch", None)
+    if isinstance(arch, dict):
+        arch.setdefault("removed", []).extend(names)
+    return model
