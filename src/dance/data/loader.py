@@ -1,0 +1,87 @@
+"""Loading at the planned scale (SPEC §1.2 downsampling, §3 bad samples, §5 determinism).
+
+The sampler hands out keys ``(index, scale, epoch)``; `PlannedDataset` loads that image and mask
+and transforms them at that scale. Random augmentation draws from a generator seeded by
+``(seed, epoch, index)``, so a sample is the same whichever worker loads it and after a resume.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from dance.errors import DanceError
+
+ON_BAD_SAMPLE = ("error", "skip")
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """A torch generator fixed by ``(seed, epoch, index)`` (negative values allowed)."""
+    entropy = [v % 2 ** 64 for v in (seed, epoch, index)]
+    lo, hi = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed((int(hi) & 0x7FFFFFFF) << 32 | int(lo))
+
+
+class PlannedDataset(torch.utils.data.Dataset):
+    """A `SegmentationDataset` read by key ``(index, scale, epoch)``.
+
+    Item: ``{"image": float 3xhxw, "mask": int64 hxw, "index": int, "scale": float}``. A bad
+    sample with ``on_bad_sample="skip"`` gives ``{"skipped": sample id, "index", "scale"}``
+    instead (warned once per process on stderr), which `collate_planned` drops and reports, so
+    the id reaches the trainer even from a worker process.
+    """
+
+    def __init__(self, dataset, transform: Callable, seed: int = 0, on_bad_sample: str = "error"):
+        if on_bad_sample not in ON_BAD_SAMPLE:
+            raise DanceError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, "
+                             f"got {on_bad_sample!r}")
+        self.dataset = dataset
+        self.transform = transform
+        self.seed = seed
+        self.on_bad_sample = on_bad_sample
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, float, int]) -> dict:
+        index, scale, epoch = key
+        index, scale = int(index), float(scale)
+        try:
+            image, mask = self.dataset.load(index)
+        except DanceError as e:
+            if self.on_bad_sample == "error":
+                raise
+            sample_id = self.dataset.samples[index].id
+            if sample_id not in self._warned:
+                self._warned.add(sample_id)
+                print(f"warning: skipping bad sample {sample_id}: {e}", file=sys.stderr)
+            return {"skipped": sample_id, "index": index, "scale": scale}
+        x, y = self.transform(image, mask, scale=scale,
+                              generator=sample_generator(self.seed, int(epoch), index))
+        return {"image": x, "mask": y, "index": index, "scale": scale}
+
+
+def collate_planned(batch: Sequence[dict | None]) -> dict:
+    """Stack a batch of one scale; skipped samples are dropped and listed under ``"skipped"``.
+
+    When every sample was skipped, ``image`` has zero rows (``batch["image"].shape[0] == 0``).
+    """
+    skipped = [b["skipped"] for b in batch if b is not None and "skipped" in b]
+    items = [b for b in batch if b is not None and "skipped" not in b]
+    scales = {b["scale"] for b in items}
+    if len(scales) > 1:
+        raise ValueError(f"a batch mixes scales {sorted(scales)}; batches must hold one scale")
+    if not items:
+        return {"image": torch.empty((0, 3, 0, 0)),
+                "mask": torch.empty((0, 0, 0), dtype=torch.int64),
+                "index": torch.empty(0, dtype=torch.int64), "scale": None, "skipped": skipped}
+    return {
+        "image": torch.stack([b["image"] for b in items]),
+        "mask": torch.stack([b["mask"] for b in items]),
+        "index": torch.tensor([b["index"] for b in items], dtype=torch.int64),
+        "scale": items[0]["scale"],
+        "skipped": skipped,
+    }

@@ -1,0 +1,38 @@
+"""The weighted segmentation loss of SPEC §1.2.
+
+Per image first (mean cross-entropy over its valid pixels, so a downsampled image is not
+under-weighted by its pixel count), then the weighted mean over images:
+``loss = Σ_i w_i · CE_i / Σ_i w_i`` over images with at least one valid pixel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                           weights: torch.Tensor | None = None,
+                           ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, per_image)``: the scalar loss and each image's detached mean CE, shape (N,).
+
+    An image without valid pixels contributes nothing and has per-image loss 0; a batch of such
+    images gives loss 0 that still has a (zero) gradient, never NaN.
+    """
+    n = logits.shape[0]
+    if target.shape != (n, *logits.shape[2:]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits "
+                         f"{tuple(logits.shape)}")
+    # float32 sums: half-precision sums over a whole image overflow or lose the small terms
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").float()
+    valid = (target != ignore_index).flatten(1)
+    count = valid.sum(1)
+    per_image = ce.flatten(1).sum(1) / count.clamp(min=1)
+    w = (torch.ones(n, device=logits.device) if weights is None
+         else weights.to(device=logits.device, dtype=torch.float32))
+    if w.shape != (n,):
+        raise ValueError(f"weights shape {tuple(w.shape)} does not match batch size {n}")
+    w = w * (count > 0)
+    loss = (w * per_image).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+    return loss, per_image.detach()
