@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -110,7 +110,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Pa
         raise DanceError(f"{folder / STATE_FILE}: corrupt checkpoint state ({e})") from None
     try:
         tensors = load_file(str(folder / MODEL_FILE))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise DanceError(f"{folder / MODEL_FILE}: corrupt checkpoint weights ({e})") from None
     if "arch" not in state:
         raise DanceError(f"{folder / STATE_FILE}: not a dance checkpoint (no architecture)")
