@@ -57,12 +57,14 @@ def plot_complexity(plan_json: dict, path: Path) -> str:
 def plot_scales(plan_json: dict, epochs: int, path: Path) -> str:
     from dance.data.plan import DataSlimmingPlan
     p = DataSlimmingPlan.from_json(plan_json)
-    scale_set = sorted(p.scale_set)
+    policies = [p.epoch_policy(e, epochs) for e in range(epochs)]
+    # bin by the scales actually used: controls and boundary images may sit between set values
+    scale_set = sorted({round(float(s), 3) for pol in policies for s in pol.scale})
     counts = np.zeros((epochs, len(scale_set)))
-    for e in range(epochs):
-        pol = p.epoch_policy(e, epochs)
+    for e, pol in enumerate(policies):
+        rounded = np.round(pol.scale, 3)
         for j, s in enumerate(scale_set):
-            counts[e, j] = float(pol.keep_prob[np.isclose(pol.scale, s)].sum())
+            counts[e, j] = float(pol.keep_prob[rounded == s].sum())
     fig, ax = plt.subplots(figsize=(7, 4))
     bottom = np.zeros(epochs)
     cmap = plt.get_cmap("viridis")
