@@ -32,9 +32,9 @@ def build_model(name, num_classes, pretrained_backbone=None, **kwargs):
     return _f(name, num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
 
 
-def branches(model):
+def branches(model, input_shape=(1, 3, 512, 1024)):
     from dance.network.gates import branches as _f
-    return _f(model)
+    return _f(model, input_shape)
 
 
 def remove_branches(model, names):
