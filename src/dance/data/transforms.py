@@ -1,0 +1,103 @@
+"""Joint image/mask transforms: the train and eval recipes (SPEC §1.2 scales, torchvision v2).
+
+The train recipe is torchvision's segmentation reference (random scale, pad with ignore, random
+crop, horizontal flip) with one addition: the data plan's downsampling factor ``scale``. A sample
+at scale s shows the same field of view at lower resolution: the resize factor is multiplied by
+s and the crop shrinks to ``scaled_crop(crop, s)``, so its pixels -- and its compute -- scale by
+about s^2, and every sample of one scale has one shape (a bucket's batch stacks).
+
+All randomness is drawn from the ``generator`` passed in, so a sample is a pure function of
+(seed, epoch, index) in any worker process and after a resume.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+IGNORE_INDEX = 255
+
+
+def scaled_crop(crop: tuple[int, int], scale: float, multiple: int = 8) -> tuple[int, int]:
+    """Crop size at a data-plan scale: ``crop * scale`` rounded to a multiple of ``multiple``
+    (at least ``multiple``), so feature maps of strided networks stay aligned."""
+    if scale <= 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    return tuple(max(multiple, round(c * scale / multiple) * multiple) for c in crop)
+
+
+def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    """HxWx3 uint8 and HxW uint8 numpy arrays (or tensors) as uint8 3xHxW / 1xHxW tv_tensors."""
+    img = torch.as_tensor(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    msk = torch.as_tensor(np.ascontiguousarray(mask)) if isinstance(mask, np.ndarray) else mask
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise ValueError(f"image must be H x W x 3, got shape {tuple(img.shape)}")
+    if msk.shape != img.shape[:2]:
+        raise ValueError(f"mask shape {tuple(msk.shape)} differs from image {tuple(img.shape[:2])}")
+    return tv_tensors.Image(img.permute(2, 0, 1)), tv_tensors.Mask(msk[None])
+
+
+def _finish(img: torch.Tensor, msk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 3xHxW -> float32 [0, 1]; 1xHxW mask -> int64 HxW (plain tensors)."""
+    return (img.as_subclass(torch.Tensor).to(torch.float32).div_(255.0).contiguous(),
+            msk.as_subclass(torch.Tensor)[0].to(torch.int64))
+
+
+class TrainTransform:
+    """Random scale, pad (image 0, mask ``ignore_index``), random crop and horizontal flip.
+
+    ``scale_range``: the augmentation's random resize factor (uniform); ``hflip``: flip
+    probability. ``__call__(image, mask, scale, generator)`` takes an HxWx3 uint8 image and HxW
+    uint8 train-id mask and returns (float32 3 x h x w in [0, 1], int64 h x w) with
+    ``(h, w) == scaled_crop(crop, scale)``.
+    """
+
+    def __init__(self, crop: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0),
+                 hflip: float = 0.5, ignore_index: int = IGNORE_INDEX):
+        if len(crop) != 2 or min(crop) <= 0:
+            raise ValueError(f"crop must be (height, width) > 0, got {crop}")
+        if not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"scale_range must be 0 < low <= high, got {scale_range}")
+        if not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"hflip must be a probability, got {hflip}")
+        self.crop = (int(crop[0]), int(crop[1]))
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.hflip = float(hflip)
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, scale: float = 1.0,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        img, msk = _to_tensors(image, mask)
+        h, w = img.shape[-2:]
+        ch, cw = scaled_crop(self.crop, scale)
+        # Always draw the same four numbers in the same order, so a generator's stream (and
+        # hence every later sample drawn from it) does not depend on the image's size.
+        u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+        lo, hi = self.scale_range
+        # One resize for both the augmentation and the plan's scale (SPEC §1.2), done in uint8.
+        factor = (lo + (hi - lo) * u[0]) * scale
+        size = [max(1, round(h * factor)), max(1, round(w * factor))]
+        if size != [h, w]:
+            img = F.resize(img, size, InterpolationMode.BILINEAR, antialias=True)
+            msk = F.resize(msk, size, InterpolationMode.NEAREST_EXACT)
+        pad_h, pad_w = max(ch - size[0], 0), max(cw - size[1], 0)
+        if pad_h or pad_w:
+            img = F.pad(img, [0, 0, pad_w, pad_h], fill=0)
+            msk = F.pad(msk, [0, 0, pad_w, pad_h], fill=self.ignore_index)
+        top = math.floor(u[1] * (size[0] + pad_h - ch + 1))
+        left = math.floor(u[2] * (size[1] + pad_w - cw + 1))
+        img, msk = F.crop(img, top, left, ch, cw), F.crop(msk, top, left, ch, cw)
+        if u[3] < self.hflip:
+            img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
+        return _finish(img, msk)
+
+
+class EvalTransform:
+    """Evaluation recipe: no resize, no crop; (float32 3xHxW in [0, 1], int64 HxW)."""
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return _finish(*_to_tensors(image, mask))

@@ -1,0 +1,1 @@
+"""Engine of DANCE: training loop, evaluation, checkpoints and cost accounting."""
