@@ -78,15 +78,27 @@ def test_two_ddp_ranks_run_in_step():
         single_idx = [i for g in single.epoch_batches(epoch) for i, _, _ in g]
         # same keep draws as one process; padding repeats images of the same bucket only
         assert set(global_idx) == set(single_idx)
-        assert len(global_idx) - len(single_idx) <= len(p.scales)
+        # at most 2 * world_size - 1 repeats per bucket (BatchNorm needs two images per rank)
+        assert len(global_idx) - len(single_idx) <= 3 * len(p.scales)
 
 
 def test_tiny_bucket_is_padded_for_every_rank():
     p = plan(np.arange(3.0), 1.0)  # three images, one bucket, keep 1
     ranks = [_sampler(p, batch_size=2, rank=r, world_size=4) for r in range(4)]
     got = [list(r) for r in ranks]
-    assert all(len(g) == 1 and len(g[0]) == 1 for g in got)  # 3 images padded to 4, one each
-    assert sorted(g[0][0][0] for g in got)[:3] == [0, 1, 2]
+    # 3 images padded to 8: two per rank, since BatchNorm cannot train on one
+    assert all(len(g) == 1 and len(g[0]) == 2 for g in got)
+    assert {i for g in got for i, _, _ in g[0]} == {0, 1, 2}
+
+
+def test_no_rank_ever_gets_a_single_image_batch():
+    p = plan(np.arange(37.0), 0.5)
+    for world in (1, 2):
+        for rank in range(world):
+            s = _sampler(p, batch_size=4, rank=rank, world_size=world)
+            for epoch in range(3):
+                s.set_epoch(epoch)
+                assert all(len(b) >= 2 for b in s)
 
 
 def test_progressive_control_has_one_growing_scale_per_epoch():

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
         p.set_defaults(handler=handler)
         return p
 

@@ -7,8 +7,9 @@ bucket is its expected number rounded), chunk each bucket into global batches of
 seeded by ``(seed, epoch)`` alone, so every rank computes the same global plan and takes its own
 slice of each global batch: all ranks run the same scale at the same step, for the same number of
 steps. A short last chunk is padded to a multiple of ``world_size`` by repeating images of its
-bucket (as ``DistributedSampler`` pads); with one process nothing is padded and every kept image
-appears exactly once.
+bucket (as ``DistributedSampler`` pads). A tail that would leave a rank one image (BatchNorm needs
+two) joins the batch before it; only a bucket with a single image per rank in all is padded. With
+one process every kept image appears exactly once otherwise.
 """
 from __future__ import annotations
 
@@ -71,10 +72,16 @@ class BucketedBatchSampler(torch.utils.data.Sampler):
         for scale in np.unique(policy.scale):  # sorted, so the draws are order-stable
             members = rng.permutation(np.flatnonzero(policy.scale == scale))
             bucket = members[_systematic_draw(policy.keep_prob[members], rng)]
-            for start in range(0, len(bucket), global_size):
-                chunk = bucket[start:start + global_size]
-                short = -len(chunk) % self.world_size
-                if short:  # repeat images of this bucket so every rank gets the same count
+            pieces = [bucket[s:s + global_size] for s in range(0, len(bucket), global_size)]
+            # BatchNorm in train mode cannot take one sample per rank: fold such a tail into
+            # the batch before it (one slightly larger batch of the same scale)
+            min_size = self.world_size * (2 if self.batch_size > 1 else 1)
+            if len(pieces) > 1 and len(pieces[-1]) < min_size:
+                tail = pieces.pop()
+                pieces[-1] = np.concatenate([pieces[-1], tail])
+            for chunk in pieces:
+                short = max(-len(chunk) % self.world_size, min_size - len(chunk))
+                if short > 0:  # repeat images of this bucket so every rank gets the same count
                     chunk = np.concatenate([chunk, np.resize(bucket, short)])
                 chunks.append((float(scale), chunk))
         batches = [[(int(i), scale, epoch) for i in chunk]

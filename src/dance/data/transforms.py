@@ -32,8 +32,9 @@ def scaled_crop(crop: tuple[int, int], scale: float, multiple: int = 8) -> tuple
 
 def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     """HxWx3 uint8 and HxW uint8 numpy arrays (or tensors) as uint8 3xHxW / 1xHxW tv_tensors."""
-    img = torch.as_tensor(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
-    msk = torch.as_tensor(np.ascontiguousarray(mask)) if isinstance(mask, np.ndarray) else mask
+    # decoded arrays are read-only views of PIL's buffer; torch wants writable memory
+    img = torch.from_numpy(np.array(image, copy=True)) if isinstance(image, np.ndarray) else image
+    msk = torch.from_numpy(np.array(mask, copy=True)) if isinstance(mask, np.ndarray) else mask
     if img.ndim != 3 or img.shape[-1] != 3:
         raise ValueError(f"image must be H x W x 3, got shape {tuple(img.shape)}")
     if msk.shape != img.shape[:2]:

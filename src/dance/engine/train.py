@@ -300,7 +300,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                     total = total + slimmer.sparsity_loss(model, mean_scale)
                 if not torch.isfinite(total):
                     raise DanceError(
-                        f"loss became {float(total)} at epoch {epoch + 1} step {i + 1}; training "
+                        f"loss became {total.item()} at epoch {epoch + 1} step {i + 1}; training "
                         f"stopped (lower train.lr?); the last good checkpoint in {ckpt_dir} is intact")
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
@@ -313,10 +313,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             state["global_step"] += 1
             loss_sum.index_add_(0, idx, per_image.double().cpu())
             loss_cnt.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
-            bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{lr:.2e}", scale=f"{bw / w:.3f}")
+            loss_value = loss.item()
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", scale=f"{bw / w:.3f}")
             bar.update(1)
             if rt.is_main:
-                tb.scalars(state["global_step"], **{"train/loss": float(loss), "train/lr": lr,
+                tb.scalars(state["global_step"], **{"train/loss": loss_value, "train/lr": lr,
                                                     "train/scale": bw / w})
             if slimmer is not None and slimmer.due(progress_now):
                 with timer.phase("prune"):
