@@ -108,6 +108,8 @@ class NetworkSlimmingConfig(_Strict):
     network_budget: float | None = None
     gate_threshold: float = Field(0.1, ge=0, le=1)
     importance: Literal["loss", "gate"] = "loss"
+    loss_tolerance: float = Field(0.01, ge=0)  # probe-loss rise counted as negligible
+    max_removals_per_point: int = Field(1, ge=1)  # per module, so slimming is progressive
     probe_batches: int = Field(2, ge=1)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)

@@ -202,7 +202,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     h, w = tc.crop
     slimmer = (NetworkSlimmer(model, lam=ns.lambda_, prune_at=ns.prune_at,
                               gate_threshold=ns.gate_threshold, network_budget=ns.network_budget,
-                              importance=ns.importance, input_shape=(1, 3, h, w))
+                              importance=ns.importance, input_shape=(1, 3, h, w),
+                              loss_tolerance=ns.loss_tolerance,
+                              max_removals_per_point=ns.max_removals_per_point)
                if ns.enabled else None)
 
     n_images = len(train_ds)

@@ -19,10 +19,13 @@ The rule at each scheduled point, in this order (each module always keeps at lea
 
 1. gate threshold (SPEC): remove branches whose ``|g_b|`` is below ``gate_threshold`` times the
    largest ``|g|`` of their module;
-2. negligible loss (``importance="loss"`` only): remove, cheapest-to-lose first, branches whose
-   removal keeps the probe loss within ``loss_tolerance`` (default 1%) of the loss before this
-   point's removals. The check is cumulative -- each candidate is measured with the earlier ones
-   already switched off -- so two branches that stand in for each other are not both removed;
+2. negligible loss (``importance="loss"`` only): remove, lowest loss rise per GFLOP first,
+   branches whose removal keeps the probe loss within ``loss_tolerance`` (default 1%) of the loss
+   before this point's removals, at most ``max_removals_per_point`` (default 1) per module per
+   point, so slimming is progressive and training recovers between removals (early in training
+   every branch looks negligible). The check is cumulative -- each candidate is measured with the
+   earlier ones already switched off -- so two branches that stand in for each other are not both
+   removed;
 3. network budget: while the model's inference FLOPs exceed this point's share of
    ``network_budget`` (a fraction of the ORIGINAL model's FLOPs), remove the branch with the
    lowest importance per GFLOP, re-measured after each removal.
@@ -132,7 +135,8 @@ class NetworkSlimmer:
     def __init__(self, model: nn.Module, lam: float = 1e-4,
                  prune_at: Sequence[float] = (0.3, 0.5, 0.7), gate_threshold: float = 0.1,
                  network_budget: float | None = None, importance: str = "loss",
-                 input_shape: Sequence[int] = (1, 3, 512, 1024), loss_tolerance: float = 0.01):
+                 input_shape: Sequence[int] = (1, 3, 512, 1024), loss_tolerance: float = 0.01,
+                 max_removals_per_point: int = 1):
         if not lam >= 0:
             raise DanceError(f"network_slimming.lambda must be >= 0, got {lam!r}")
         prune_at = sorted({float(p) for p in prune_at})
@@ -158,6 +162,9 @@ class NetworkSlimmer:
         self.importance = importance
         self.input_shape = tuple(int(s) for s in input_shape)
         self.loss_tolerance = float(loss_tolerance)
+        if max_removals_per_point < 1:
+            raise DanceError(f"max_removals_per_point must be >= 1, got {max_removals_per_point}")
+        self.max_removals_per_point = int(max_removals_per_point)
         self.original_gflops = count_gflops(_unwrap(model), self.input_shape)
         self.done: list[float] = []
         self.events: list[PruneEvent] = []
@@ -280,10 +287,14 @@ class NetworkSlimmer:
         # 2. negligible loss rise, cumulative so stand-ins for each other are not both removed
         if self.importance == "loss":
             allowed = base + self.loss_tolerance * abs(base)
-            for name in sorted(table, key=lambda n: table[n]["loss_rise"]):
-                if (table[name]["rel_loss_rise"] < self.loss_tolerance and removable(name)
-                        and probe.loss(chosen + [name]) <= allowed):
+            per_module: dict[str, int] = {}
+            for name in sorted(table, key=lambda n: table[n]["score"]):
+                module = table[name]["module"]
+                if (per_module.get(module, 0) < self.max_removals_per_point
+                        and table[name]["rel_loss_rise"] < self.loss_tolerance
+                        and removable(name) and probe.loss(chosen + [name]) <= allowed):
                     take(name, "negligible_loss")
+                    per_module[module] = per_module.get(module, 0) + 1
         if chosen:
             remove_branches(model, chosen)
         # 3. network budget: least important per GFLOP first, re-measured after each removal
