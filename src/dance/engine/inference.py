@@ -52,12 +52,17 @@ def eval_checkpoint(checkpoint: str | Path, dataset: str, root: str, split: str 
 
 def _adaptive_policy(state: dict, folder: Path) -> AdaptiveResolution:
     """Thresholds from the run's training-set complexity scores (saved in its plan)."""
+    from dance.data.complexity import IMAGE_INDICATORS
     per_image = state.get("train_state", {}).get("plan", {}).get("per_image", [])
     scores = np.array([p["score"] for p in per_image], dtype=np.float64)
     if len(scores) == 0 or not np.any(scores):
         raise DanceError(f"{folder}: this run has no training complexity scores (plain run?); "
                          "adaptive resolution needs a run trained with data slimming")
-    return AdaptiveResolution(scores)
+    indicator = state.get("config", {}).get("data_slimming", {}).get("indicator", "si")
+    if indicator not in IMAGE_INDICATORS:
+        raise DanceError(f"{folder}: the run scored images with {indicator!r}, which needs labels; "
+                         "adaptive resolution needs an image-only indicator")
+    return AdaptiveResolution(scores, indicator=indicator)
 
 
 def cli_eval(args) -> int:

@@ -188,14 +188,16 @@ def make_plots(report: dict, cfg: RunConfig, out_dir: Path) -> list[str]:
         made.append(plot_gates(report["runs"][gated], out_dir / "gates.png", gated))
     made.append(plot_cost_vs_miou(report, out_dir / "cost_vs_miou.png"))
     curve_run = next((k for k in ("dance", "data") if k in report["runs"]), None)
-    if curve_run and plan_run:
+    from dance.data.complexity import IMAGE_INDICATORS
+    if curve_run and plan_run and cfg.data_slimming.indicator in IMAGE_INDICATORS:
         from dance.data.datasets import open_dataset
         from dance.engine.checkpoint import load_model
         from dance.engine.evaluate import miou_flops_curve
         ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
         scores = np.array([p["score"] for p in plan_json["per_image"]])
         model = load_model(report["run_dirs"][curve_run][0])
-        curve = miou_flops_curve(model, ds, scores, device="cpu")
+        curve = miou_flops_curve(model, ds, scores, device="cpu",
+                                 indicator=cfg.data_slimming.indicator)
         report["runs"][curve_run]["miou_flops_curve"] = curve
         made.append(plot_miou_vs_flops(curve, out_dir / "miou_vs_flops.png", curve_run))
     if "baseline" in report["run_dirs"]:
