@@ -1,6 +1,8 @@
 import os
 
-import pytest
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see dance/__init__.py
+
+import pytest  # noqa: E402
 
 # Tests never touch the network or a GPU and stay small enough for 2 cores.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
