@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
+import sys
 import time
 import warnings
 from collections import Counter
@@ -185,6 +187,22 @@ def _peak_cuda_bytes(net: nn.Module, x: torch.Tensor) -> int:
     return torch.cuda.max_memory_allocated(x.device) - before
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's C++ side prints start/stop and GPU-probe lines straight to fd 2 on a CPU
+    machine; they say nothing to a user, so fd 2 points at /dev/null while it runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _peak_cpu_bytes(net: nn.Module, x: torch.Tensor) -> int:
     """Peak bytes allocated on the CPU during one forward, from the profiler's memory events:
     each allocation (+bytes) and free (-bytes), summed in time order; the maximum of that
@@ -195,7 +213,8 @@ def _peak_cpu_bytes(net: nn.Module, x: torch.Tensor) -> int:
         # Some torch versions warn that a profiler "clears events at the end of each cycle";
         # this one runs a single cycle.
         warnings.filterwarnings("ignore", message=".*clears events", category=UserWarning)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _native_stderr_silenced(), \
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             net(x)
     # kineto_results holds every raw allocation/free event; the public ``events()`` tree folds
     # allocations into the op that made them and loses their order.
