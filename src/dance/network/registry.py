@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -51,8 +52,15 @@ def build_model(name: str, num_classes: int, pretrained_backbone: str | None = N
         raise DanceError(f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise DanceError(f"num_classes must be a positive integer, got {num_classes!r}")
-    model = _REGISTRY[name](num_classes=num_classes, pretrained_backbone=pretrained_backbone,
-                            **kwargs)
+    builder = _REGISTRY[name]
+    params = inspect.signature(builder).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            options = sorted(set(params) - {"num_classes", "pretrained_backbone"})
+            raise DanceError(f"model {name!r} has no option {unknown[0]!r}; "
+                             f"its options are {', '.join(options) or 'none'}")
+    model = builder(num_classes=num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
     model.dance_arch = {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs),
                         "removed": []}
     return model
