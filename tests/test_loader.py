@@ -65,8 +65,8 @@ def test_workers_load_the_same_batches_as_one_process(folder):
         assert x["scale"] == y["scale"] and x["skipped"] == y["skipped"]
     # the corrupt image's id reaches the main process from a worker, once per time it is drawn
     drawn = sum(k[0] == 4 for b in sampler for k in b)
-    assert drawn == 1  # keep probability 1 in this plan
-    assert sum(b["skipped"] == ["e"] for b in loaded) == drawn
+    assert drawn >= 1  # keep probability 1 in this plan (a one-image bucket is padded)
+    assert sum(b["skipped"].count("e") for b in loaded) == drawn
 
 
 def test_bad_sample_skip_warns_once_and_is_reported(folder, capsys):
