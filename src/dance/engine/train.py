@@ -268,6 +268,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         kept = policy.keep_prob > 0
         mean_scale = float((policy.scale * policy.keep_prob).sum() / policy.keep_prob.sum()) \
             if kept.any() else 1.0
+        mean_scale = round(mean_scale * 8) / 8  # on the scale grid: FLOPs shares stay cached
         epoch_batches = sampler.epoch_batches(epoch)
         images_this_epoch = sum(len(b) for b in epoch_batches)
         full_factor = n_images / max(images_this_epoch, 1)  # "every image kept" (SPEC §4)
