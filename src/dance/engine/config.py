@@ -110,7 +110,7 @@ class NetworkSlimmingConfig(_Strict):
     importance: Literal["loss", "gate"] = "loss"
     loss_tolerance: float = Field(0.01, ge=0)  # probe-loss rise counted as negligible
     max_removals_per_point: int = Field(1, ge=1)  # per module, so slimming is progressive
-    probe_batches: int = Field(2, ge=1)
+    probe_batches: int = Field(1, ge=1)  # held-out batches per importance measurement
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -157,7 +157,7 @@ def plot_predictions(report: dict, cfg: RunConfig, path: Path, n: int = 3) -> st
     axes = np.atleast_2d(axes)
     for row, i in enumerate(idx):
         image, mask = ds.load(int(i))
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
         panels = [("image", image), ("ground truth", _colorize(mask, ds.num_classes))]
         for k, m in models.items():
             with torch.no_grad():

@@ -1,0 +1,115 @@
+"""`dance compare` on tiny SynthStreets: every run kind, the report files, the ratios, seeds."""
+import json
+
+import pytest
+
+from dance.cli import main
+from dance.report.compare import RUN_KINDS, aggregate, parse_runs, run_config
+from dance.errors import DanceError
+
+TINY = ["train.epochs=2", "train.batch_size=4", "train.crop=[64,128]", "train.workers=0",
+        "train.device=cpu", "train.lr=0.02",
+        "model.options={width_mult: 0.35, aspp_channels: 16}"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    from dance.data.synth import generate_synthstreets
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthstreets(root, train=48, val=4, size=(64, 128), seed=2, progress=False)
+    cfg = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    cfg.write_text(f"dataset: {{name: synth, root: {root}}}\n"
+                   "model: {name: deeplabv3plus_mbv2}\n"
+                   "network_slimming: {prune_at: [0.5], network_budget: 0.9}\n")
+    out = tmp_path_factory.mktemp("compare")
+    rc = main(["compare", "--config", str(cfg), *TINY, "--runs", ",".join(RUN_KINDS),
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    return out, root
+
+
+def test_every_run_kind_and_the_report(compared):
+    out, _ = compared
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["runs"]) == list(RUN_KINDS)
+    base = report["runs"]["baseline"]
+    for kind, r in report["runs"].items():
+        q = report["ratios"][kind]
+        assert set(q) >= {"train_gflops", "infer_gflops", "train_seconds", "energy_joules",
+                          "miou_delta"}
+        assert q["train_gflops"] == pytest.approx(r["train_gflops_total"]
+                                                  / base["train_gflops_total"])
+        assert q["miou_delta"] == pytest.approx(r["miou"] - base["miou"])
+        assert (out / "runs" / kind / "metrics.json").is_file()
+    # equal-budget runs spend about half the plain run's training FLOPs
+    for kind in ("uniform", "progressive", "shuffled", "data", "dance"):
+        assert 0.4 < report["ratios"][kind]["train_gflops"] < 0.62, kind
+    # the shuffled control spends its plan's cost without the guidance
+    assert report["runs"]["shuffled"]["planned_cost"] == pytest.approx(0.5, abs=0.01)
+    # only runs with network slimming lose branches, and their deployed model is smaller
+    for kind in ("network", "dance"):
+        assert report["runs"][kind]["removed_branches"]
+        assert report["ratios"][kind]["infer_gflops"] < 1.0
+    for kind in ("baseline", "uniform", "progressive", "shuffled", "data"):
+        assert report["runs"][kind]["removed_branches"] == []
+    md = (out / "report.md").read_text()
+    assert "| dance |" in md and "Branch importance" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert {"complexity_plan.png", "scale_distribution.png", "gates.png", "cost_vs_miou.png",
+            "predictions.png", "miou_vs_flops.png"} <= set(pngs)
+    assert all((out / p).stat().st_size > 5000 for p in pngs)  # real pictures, not empty axes
+    curve = report["runs"]["dance"]["miou_flops_curve"]
+    assert {c["name"] for c in curve} >= {"adaptive"}
+
+
+def test_adaptive_resolution_eval(compared, capsys):
+    out, root = compared
+    rc = main(["eval", "--checkpoint", str(out / "runs" / "dance"), "--dataset", "synth",
+               "--root", str(root), "--adaptive-resolution", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    ar = res["adaptive_resolution"]
+    assert 0 < ar["mean_gflops"] <= res["gflops"] + 1e-9
+    assert sum(ar["scales"].values()) == 4
+    # a plain run has no complexity scores to pick a resolution from: one-line error
+    rc = main(["eval", "--checkpoint", str(out / "runs" / "baseline"), "--dataset", "synth",
+               "--root", str(root), "--adaptive-resolution"])
+    assert rc == 1 and "no training complexity scores" in capsys.readouterr().err
+
+
+def test_a_finished_compare_is_reused_not_retrained(compared, capsys):
+    out, _ = compared
+    cfg = json.loads((out / "report.json").read_text())["config"]
+    before = (out / "runs" / "dance" / "metrics.json").stat().st_mtime_ns
+    from dance.engine.config import config_from_dict
+    from dance.report.compare import compare
+    report = compare(config_from_dict(cfg), ["baseline", "dance"], out, progress=False,
+                     plots=False)
+    assert (out / "runs" / "dance" / "metrics.json").stat().st_mtime_ns == before
+    assert set(report["runs"]) == {"baseline", "dance"}
+
+
+def test_seeds_mark_differences_within_noise():
+    def m(miou):
+        return {"miou": miou, "train_gflops_total": 10.0, "gflops": 1.0, "train_seconds": 5.0,
+                "energy_joules": 2.0}
+    rep = aggregate({"baseline": [m(50.0), m(52.0), m(54.0)],
+                     "dance": [m(51.0), m(53.0), m(55.0)],
+                     "uniform": [m(40.0), m(40.5), m(41.0)]})
+    assert rep["runs"]["baseline"]["miou"] == pytest.approx(52.0)
+    assert rep["runs"]["baseline"]["miou_std"] == pytest.approx(2.0)
+    assert rep["ratios"]["dance"]["miou_delta"] == pytest.approx(1.0)
+    assert rep["ratios"]["dance"]["within_noise"] is True  # 1 point < 2 points of spread
+    assert rep["ratios"]["uniform"]["within_noise"] is False  # 11.75 points > spread
+
+
+def test_run_kinds_and_bad_input():
+    assert parse_runs("dance,uniform") == ["baseline", "dance", "uniform"]
+    with pytest.raises(DanceError, match="unknown run kind"):
+        parse_runs("dance,fancy")
+    from dance.engine.config import RunConfig
+    cfg = run_config(RunConfig(), "shuffled", seed=3)
+    assert cfg.train.seed == 3 and cfg.data_slimming.policy == "shuffled"
+    assert not cfg.network_slimming.enabled
+    cfg = run_config(RunConfig(), "network", seed=0)
+    assert not cfg.data_slimming.enabled and cfg.network_slimming.enabled
