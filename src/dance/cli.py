@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dance-demo", help="output folder (data, runs, report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = command("bench", "dance.bench:cli_bench",
+                "benchmarks printing ratios measured side by side in one run: complexity, "
+                "models, train, pipeline (dance bench SUBCOMMAND --help)")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="SUBCOMMAND ...",
+                   help="complexity | models | train | pipeline, then its options")
+
     return parser
 
 

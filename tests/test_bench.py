@@ -1,0 +1,158 @@
+"""`dance bench` (SPEC §4): every subcommand on tiny SynthStreets sets, through the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dance.cli import main
+from dance.data.plan import DEFAULT_SCALE_SET
+from dance.data.transforms import scaled_crop
+
+TINY = ["--size", "64x128"]
+TINY_MODEL = '{"width_mult": 0.25, "aspp_channels": 16}'
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert main(["bench", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """Markdown table rows of ``text`` by their first cell."""
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    return {r[0]: r[1:] for r in rows}
+
+
+def assert_machine(m: dict, device: str = "cpu") -> None:
+    assert m["cpu_count"] == len(os.sched_getaffinity(0))
+    assert m["torch"] == torch.__version__
+    assert m["device"] == device and "cuda_device" not in m
+    assert m["load_average_start"] >= 0 and m["load_average_end"] >= 0
+
+
+def test_pipeline_measures_every_scale_against_full_scale(capsys, tmp_path):
+    crop = (64, 128)
+    r = run_json(capsys, "pipeline", "--n", "8", *TINY, "--crop", "64x128", "--workers", "1",
+                 "--batch", "4", "--repeats", "1", "--data", str(tmp_path / "synth"))
+    assert_machine(r["machine"])
+    keys = [repr(s) for s in DEFAULT_SCALE_SET]
+    assert list(r["images_per_second"]) == keys
+    assert r["ratio_vs_full_scale"]["1.0"] == 1.0
+    for s, k in zip(DEFAULT_SCALE_SET, keys):
+        assert r["images_per_second"][k] > 0
+        # the batches really came out at the plan's scale, through one persistent worker
+        h, w = scaled_crop(crop, s)
+        assert r["output_size"][k] == [h, w]
+        assert r["pixels_vs_full_scale"][k] == pytest.approx(h * w / (64 * 128))
+        assert r["ratio_vs_full_scale"][k] == pytest.approx(
+            r["images_per_second"][k] / r["images_per_second"]["1.0"])
+    assert r["decode_only_images_per_second"] > 0
+    assert r["setup"]["images"] == 8 and r["setup"]["workers"] == 1
+
+
+def test_complexity_prints_throughput_and_correlation_tables(capsys, tmp_path):
+    assert main(["bench", "complexity", "--n", "8", *TINY, "--workers", "1", "--repeats", "1",
+                 "--data", str(tmp_path / "synth")]) == 0
+    out = capsys.readouterr().out
+    assert "Machine:" in out and f"torch {torch.__version__}" in out
+    rows = table_rows(out)
+    assert rows["decode only"][1] == "1.00×"
+    for run in ("decode only", "score si", "score 5 image indicators",
+                "score all 7 (+ mask decode)"):
+        assert float(rows[run][0]) > 0
+    for indicator in ("si", "gradient", "edges", "entropy", "jpeg"):
+        assert -1 <= float(rows[indicator][0]) <= 1
+
+
+def test_models_before_and_after_removing_the_largest_branch(capsys):
+    r = run_json(capsys, "models", *TINY, "--models", "lraspp_mobilenet_v3_large", "--runs", "1")
+    assert_machine(r["machine"])
+    (m,) = r["models"]
+    assert m["model"] == "lraspp_mobilenet_v3_large" and m["removed"] == ["lraspp.context"]
+    for key in ("params_m", "gflops", "latency_ms"):
+        assert m["before"][key] > 0 and m["after"][key] > 0
+        assert m["ratios"][key] == pytest.approx(m["after"][key] / m["before"][key])
+    assert m["after"]["gflops"] < m["before"]["gflops"]
+    assert m["after"]["params_m"] < m["before"]["params_m"]
+
+
+def test_train_plain_vs_dance_ratios(capsys, tmp_path):
+    r = run_json(capsys, "train", *TINY, "--train", "8", "--val", "2", "--epochs", "1",
+                 "--batch", "4", "--workers", "0", "--device", "cpu",
+                 "--model-options", TINY_MODEL, "--out", str(tmp_path / "bench"))
+    assert_machine(r["machine"])
+    plain, dance, q = r["plain"], r["dance"], r["ratios"]
+    for key in ("images_per_second", "train_seconds", "train_gflops_total", "energy_joules"):
+        assert plain[key] > 0 and dance[key] > 0
+    assert q["train_gflops"] == pytest.approx(dance["train_gflops_total"]
+                                              / plain["train_gflops_total"])
+    assert q["images_per_second"] == pytest.approx(dance["images_per_second"]
+                                                   / plain["images_per_second"])
+    assert q["miou_delta"] == pytest.approx(dance["miou"] - plain["miou"])
+    assert plain["planned_cost"] == 1.0 and dance["planned_cost"] == pytest.approx(0.5, abs=0.01)
+    assert q["train_gflops"] < 0.8  # data slimming at budget 0.5 spent fewer training FLOPs
+    assert json.loads((tmp_path / "bench" / "results.json").read_text()) == r
+
+
+def test_train_defaults_to_the_demos_small_model_options():
+    from dance.bench import default_model_options
+    assert default_model_options("deeplabv3plus_mbv2") == {"width_mult": 0.5,
+                                                           "aspp_channels": 64}
+    assert default_model_options("pspnet_r18") == {}
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["pipeline", "--size", "64by128"], "pipeline: argument --size: size must look like"),
+    (["pipeline", "--n", "1"], "pipeline: argument --n: must be >= 2, got 1"),
+    (["train", "--device", "gpu"], "expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["train", "--model-options", "width=1"], "expected a JSON object"),
+    (["train", "--budget", "1.5"], "budget"),
+    (["models", "--models", "resnet9000", "--runs", "0"], "unknown model 'resnet9000'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ([], "required: SUBCOMMAND"),
+])
+def test_bad_values_are_one_line_errors(capsys, argv, says):
+    assert main(["bench", *argv]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert err.startswith("dance bench: error: ") and says in err and "\n" not in err
+
+
+def test_help_of_bench_and_of_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "pipeline" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "pipeline", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--crop" in out and "--workers" in out and "--json" in out
+
+
+def test_gpu_train_script_keeps_its_flags_and_defaults(capsys, monkeypatch):
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train.py")
+
+    def run_script(*argv: str) -> int:
+        monkeypatch.setattr(sys, "argv", [script, *argv])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(script, run_name="__main__")
+        return e.value.code
+
+    assert run_script("--help") == 0
+    out = capsys.readouterr().out
+    for flag in ("--out", "--model", "--size", "--train", "--val", "--epochs", "--batch",
+                 "--workers", "--device"):
+        assert flag in out
+    # its GPU-sized defaults come first, so a flag given to the script wins
+    assert run_script("--epochs", "0") == 1
+    assert capsys.readouterr().err.strip() == (
+        "dance bench: error: train: argument --epochs: must be >= 1, got 0")
