@@ -161,7 +161,7 @@ def parallel_map(func, tasks: list, workers: int | None, initializer=None, inita
                  progress: bool = True, desc: str = "") -> Iterator:
     """``func`` over ``tasks`` in a process pool (results in completion order), with a bar.
 
-    Shared by scoring and the decode-only baseline of benchmarks/complexity.py, so the two
+    Shared by scoring and the decode-only baseline of dance.bench (dance bench complexity), so the two
     measure the same parallelism.
     """
     n_workers = resolve_workers(workers, len(tasks))
