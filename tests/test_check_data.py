@@ -5,12 +5,21 @@ import json
 
 import numpy as np
 import pytest
-from test_datasets import (AACHEN, BOCHUM, CITYSCAPES_IGNORE_PIXELS, CITYSCAPES_TRAIN_PIXELS,
-                           cityscapes_pair, expected, make_cityscapes, write_jpg, write_png)
 
 from dance.cli import main
 from dance.data.check import check_dataset
 from dance.data.datasets import open_dataset
+from test_datasets import (
+    AACHEN,
+    BOCHUM,
+    CITYSCAPES_IGNORE_PIXELS,
+    CITYSCAPES_TRAIN_PIXELS,
+    cityscapes_pair,
+    expected,
+    make_cityscapes,
+    write_jpg,
+    write_png,
+)
 
 FIELDS = {"dataset", "split", "num_samples", "num_classes", "class_pixels", "ignore_pixels",
           "problems"}

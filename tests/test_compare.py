@@ -4,8 +4,8 @@ import json
 import pytest
 
 from dance.cli import main
-from dance.report.compare import RUN_KINDS, aggregate, parse_runs, run_config
 from dance.errors import DanceError
+from dance.report.compare import RUN_KINDS, aggregate, parse_runs, run_config
 
 TINY = ["train.epochs=2", "train.batch_size=4", "train.crop=[64,128]", "train.workers=0",
         "train.device=cpu", "train.lr=0.02",

@@ -99,7 +99,11 @@ def test_a_hanging_network_cannot_hang_us(monkeypatch, tmp_path):
     _offline(monkeypatch, tmp_path)
     monkeypatch.setattr(pretrained, "CONNECT_TIMEOUT_S", 1.0)
     # A DNS lookup that never returns ignores socket timeouts; the probe must give up anyway.
-    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(60))
+    def hang(*args, **kwargs):
+        time.sleep(60)
+        raise OSError("no route")
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     start = time.monotonic()
     with pytest.raises(DanceError, match="cannot be reached"):
         load_backbone_weights(torchvision.models.resnet18(), "IMAGENET1K_V1", "resnet18")

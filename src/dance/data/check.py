@@ -21,8 +21,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from dance.data.datasets import (SegmentationDataset, mask_value_counts, missing_mask_problem,
-                                 open_dataset, size_mismatch_problem)
+from dance.data.datasets import (
+    SegmentationDataset,
+    mask_value_counts,
+    missing_mask_problem,
+    open_dataset,
+    size_mismatch_problem,
+)
 from dance.data.io import image_size, read_image, read_mask
 from dance.errors import DanceError
 
