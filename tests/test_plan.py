@@ -221,3 +221,17 @@ def test_progressive_and_uniform_controls():
     assert progressive_scales(0.9, 4)[-1] == pytest.approx(1.0)
     u = uniform_plan(ids, 0.49)
     assert {q.scale for q in u.per_image} == {0.7} and u.predicted_cost == pytest.approx(0.49)
+
+
+def test_keep_floor_drops_the_least_complex_harder_before_downsampling():
+    scores = np.random.default_rng(3).random(200)
+    soft, hard = plan(scores, 0.5), plan(scores, 0.5, keep_floor=0.2)
+    for p in (soft, hard):
+        assert abs(p.predicted_cost - 0.5) < 0.005
+    assert hard.keep_min == pytest.approx(0.2) and soft.keep_min == pytest.approx(0.5)
+    # the saving moved from downsampling to dropping: the kept images are larger
+    mean_scale = [np.mean([q.scale for q in p.per_image if q.rank > 0.5]) for p in (soft, hard)]
+    assert mean_scale[1] > mean_scale[0]
+    assert DataSlimmingPlan.from_json(hard.to_json()).keep_floor == pytest.approx(0.2)
+    with pytest.raises(DanceError, match="keep_floor"):
+        plan(scores, 0.5, keep_floor=0.0)

@@ -168,7 +168,7 @@ def test_bad_sample_skip_and_error(synth, config, tmp_path, capsys):
                str(tmp_path / "err"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and victim.name in err[-1]
-    m = run_train(config, tmp_path / "skip", *cfg_over, "train.on_bad_sample=skip")
+    m = run_train(config, tmp_path / "skip", *cfg_over, "--on-bad-sample", "skip")
     sample_id = f"{victim.parent.name}/{victim.name.removesuffix('_leftImg8bit.png')}"
     assert m["skipped_samples"] == 1 and m["skipped_files"] == [sample_id]
 

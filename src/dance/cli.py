@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides, e.g. train.epochs=2 data_slimming.budget=0.4")
     p.add_argument("--out", default=None, help="run folder (metrics.json, checkpoint/)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--on-bad-sample", choices=("error", "skip"), default=None,
+                   help="stop on a bad training file, or skip it (logged once, counted in "
+                        "metrics.json); default: train.on_bad_sample of the config")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     p = command("eval", "dance.engine.inference:cli_eval",

@@ -161,6 +161,7 @@ class _Rule:
     drop: bool
     downsample: bool
     overrides: Mapping[str, float]
+    keep_floor: float = KEEP_MIN
 
     def path(self, ranks: np.ndarray) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
         """Starting parameters and the ordered steps (parameter, from, to) of the budget rule."""
@@ -169,6 +170,8 @@ class _Rule:
         steps: list[tuple[str, float, float]] = []
         if self.drop and self.downsample:
             steps.append(("drop_quantile", 0.0, DROP_QUANTILE_MAX))
+            if self.keep_floor < KEEP_MIN:  # drop the least complex half harder, then downsample
+                steps.append(("keep_min", KEEP_MIN, self.keep_floor))
         elif self.drop:
             steps += [("drop_quantile", 0.0, 1.0), ("keep_min", KEEP_MIN, DROP_ONLY_KEEP_MIN)]
         if self.downsample:
@@ -312,6 +315,7 @@ class DataSlimmingPlan:
     downsample: bool = True
     weighting: bool = True
     overrides: dict[str, float] = field(default_factory=dict)
+    keep_floor: float = KEEP_MIN
     permutation: list[int] | None = None  # set by `shuffled`: image i takes image perm[i]'s policy
     _epoch_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -325,7 +329,8 @@ class DataSlimmingPlan:
         return [p.id for p in self.per_image]
 
     def _rule(self) -> _Rule:
-        return _Rule(self.scale_set, self.drop, self.downsample, dict(self.overrides))
+        return _Rule(self.scale_set, self.drop, self.downsample, dict(self.overrides),
+                     self.keep_floor)
 
     def _ranks(self) -> np.ndarray:
         return np.array([p.rank for p in self.per_image], dtype=np.float64)
@@ -370,7 +375,8 @@ class DataSlimmingPlan:
         """The same plan (budget and options) re-solved for new ranks or a new permutation."""
         return _build(self.ids, [p.score for p in self.per_image], ranks, self.budget,
                       self.scale_set, self.schedule, self.policy, self.beta, self.drop,
-                      self.downsample, self.weighting, self.overrides, permutation)
+                      self.downsample, self.weighting, self.overrides, permutation,
+                      self.keep_floor)
 
     def replan(self, hardness: np.ndarray | Mapping[str, float],
                alpha: float = 0.5) -> DataSlimmingPlan:
@@ -421,6 +427,7 @@ class DataSlimmingPlan:
             "downsample": self.downsample,
             "weighting": self.weighting,
             "overrides": dict(self.overrides),
+            "keep_floor": self.keep_floor,
             "permutation": self.permutation,
             "per_image": [{"id": p.id, "score": p.score, "rank": p.rank, "scale": p.scale,
                            "keep_prob": p.keep_prob, "weight": p.weight} for p in self.per_image],
@@ -441,6 +448,7 @@ class DataSlimmingPlan:
                 policy=str(d["policy"]), beta=float(d["beta"]), drop=bool(d["drop"]),
                 downsample=bool(d["downsample"]), weighting=bool(d["weighting"]),
                 overrides={str(k): float(v) for k, v in d["overrides"].items()},
+                keep_floor=float(d.get("keep_floor", KEEP_MIN)),
                 permutation=(None if d["permutation"] is None
                              else [int(i) for i in d["permutation"]]),
             )
@@ -453,9 +461,9 @@ class DataSlimmingPlan:
 def _build(ids: list[str], scores: Sequence[float], ranks: np.ndarray, budget: float,
            scale_set: tuple[float, ...], schedule: str, policy: str, beta: float, drop: bool,
            downsample: bool, weighting: bool, overrides: Mapping[str, float],
-           permutation: list[int] | None) -> DataSlimmingPlan:
+           permutation: list[int] | None, keep_floor: float = KEEP_MIN) -> DataSlimmingPlan:
     """Solve the base (static) policy for ``budget`` and wrap it as a plan."""
-    rule = _Rule(scale_set, drop, downsample, dict(overrides))
+    rule = _Rule(scale_set, drop, downsample, dict(overrides), keep_floor)
     if policy == "uniform":
         s = math.sqrt(budget)
         scale, keep, weight = np.full(len(ids), s), np.ones(len(ids)), np.ones(len(ids))
@@ -473,7 +481,8 @@ def _build(ids: list[str], scores: Sequence[float], ranks: np.ndarray, budget: f
         drop_quantile=float(params["drop_quantile"]), keep_min=float(params["keep_min"]),
         s_min=float(params["s_min"]), gamma=float(params["gamma"]), scale_set=scale_set,
         schedule=schedule, policy=policy, beta=beta, drop=drop, downsample=downsample,
-        weighting=weighting, overrides=dict(overrides), permutation=permutation,
+        weighting=weighting, overrides=dict(overrides), keep_floor=keep_floor,
+        permutation=permutation,
     )
 
 
@@ -510,7 +519,8 @@ def _check_common(budget: Any, scale_set: Sequence[float], schedule: str) -> tup
 def plan(scores: Sequence[float] | Mapping[str, float] | np.ndarray, budget: float,
          ids: Sequence[str] | None = None, *, scale_set: Sequence[float] = DEFAULT_SCALE_SET,
          schedule: str = "static", drop: bool = True, downsample: bool = True,
-         weighting: bool = True, beta: float = 0.5, **overrides: float) -> DataSlimmingPlan:
+         weighting: bool = True, beta: float = 0.5, keep_floor: float = KEEP_MIN,
+         **overrides: float) -> DataSlimmingPlan:
     """DANCE's data plan: complexity-guided drops, scales and loss weights under ``budget``.
 
     ``overrides`` pin solver parameters (``s_min``, ``gamma``, ``drop_quantile``, ``keep_min``);
@@ -523,8 +533,10 @@ def plan(scores: Sequence[float] | Mapping[str, float] | np.ndarray, budget: flo
     if not (drop or downsample) and budget != 1.0:
         raise DanceError(f"budget {budget:g} needs drop or downsample; both are off")
     overrides = _check_overrides(overrides, drop, downsample)
+    if not 0.0 < keep_floor <= KEEP_MIN:
+        raise DanceError(f"keep_floor must be in (0, {KEEP_MIN}], got {keep_floor!r}")
     return _build(ids, values.tolist(), percentile_rank(values), budget, scale_set, schedule,
-                  "complexity", beta, drop, downsample, weighting, overrides, None)
+                  "complexity", beta, drop, downsample, weighting, overrides, None, keep_floor)
 
 
 def uniform_plan(ids: Sequence[str], budget: float, *, schedule: str = "static",

@@ -92,6 +92,8 @@ class DataSlimmingConfig(_Strict):
     drop: bool = True
     downsample: bool = True
     weighting: bool = True
+    # keep probability the least complex half may fall to before any image is downsampled
+    keep_floor: float = Field(0.5, gt=0, le=0.5)
 
     @field_validator("budget")
     @classmethod

@@ -100,7 +100,7 @@ def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: 
     rows = score_dataset(train_ds, (ds.indicator,), cache_path=score_cache, progress=progress)
     scores = np.array([r.score for r in rows], dtype=np.float64)
     p = plan(scores, ds.budget, ids, schedule=ds.schedule, drop=ds.drop,
-             downsample=ds.downsample, weighting=ds.weighting)
+             downsample=ds.downsample, weighting=ds.weighting, keep_floor=ds.keep_floor)
     if ds.policy == "shuffled":
         p = p.shuffled(cfg.train.seed)
     return p
@@ -455,7 +455,10 @@ def _eval_size(ds: SegmentationDataset) -> tuple[int, int]:
 
 
 def cli_train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.on_bad_sample:
+        overrides.append(f"train.on_bad_sample={args.on_bad_sample}")
+    cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if (out / "metrics.json").exists() and not args.resume:
         raise DanceError(f"{out}: already holds a finished run (metrics.json); "
