@@ -6,17 +6,12 @@ import pytest
 from dance.cli import main
 from dance.errors import DanceError
 from dance.report.compare import RUN_KINDS, aggregate, parse_runs, run_config
-
-TINY = ["train.epochs=2", "train.batch_size=4", "train.crop=[64,128]", "train.workers=0",
-        "train.device=cpu", "train.lr=0.02",
-        "model.options={width_mult: 0.35, aspp_channels: 16}"]
+from tiny import TINY, tiny_synth
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
-    from dance.data.synth import generate_synthstreets
-    root = tmp_path_factory.mktemp("synth")
-    generate_synthstreets(root, train=48, val=4, size=(64, 128), seed=2, progress=False)
+    root = tiny_synth(tmp_path_factory, train=48, val=4, seed=2)
     cfg = tmp_path_factory.mktemp("cfg") / "c.yaml"
     cfg.write_text(f"dataset: {{name: synth, root: {root}}}\n"
                    "model: {name: deeplabv3plus_mbv2}\n"

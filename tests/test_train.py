@@ -13,18 +13,12 @@ import torch
 
 import dance
 from dance.cli import main
-
-TINY = ["train.epochs=2", "train.batch_size=4", "train.crop=[64,128]", "train.workers=0",
-        "train.device=cpu", "train.lr=0.02",
-        "model.options={width_mult: 0.35, aspp_channels: 16}"]
+from tiny import TINY, tiny_synth
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    from dance.data.synth import generate_synthstreets
-    root = tmp_path_factory.mktemp("synth")
-    generate_synthstreets(root, train=96, val=6, size=(64, 128), seed=1, progress=False)
-    return root
+    return tiny_synth(tmp_path_factory, train=96, val=6, seed=1)
 
 
 @pytest.fixture(scope="module")
