@@ -156,3 +156,19 @@ def test_gpu_train_script_keeps_its_flags_and_defaults(capsys, monkeypatch):
     assert run_script("--epochs", "0") == 1
     assert capsys.readouterr().err.strip() == (
         "dance bench: error: train: argument --epochs: must be >= 1, got 0")
+
+
+def test_spearman_matches_scipy_without_needing_it():
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from dance.bench import spearman
+    rng = np.random.default_rng(0)
+    a = rng.random(200)
+    b = a + rng.normal(0, 0.3, 200)
+    b[:20] = b[0]  # ties
+    rho, p = spearman(a, b)
+    ref = spearmanr(a, b)
+    assert rho == pytest.approx(ref.statistic, abs=1e-12)
+    assert p < 1e-10 and ref.pvalue < 1e-10
+    assert np.isnan(spearman(a, np.ones(200))[0])
