@@ -150,3 +150,16 @@ def test_bad_requests_are_one_line_errors(rng):
         spatial_complexity(img.astype(np.float32), "si")  # 0-255 floats would saturate silently
     with pytest.raises(DanceError, match="is not HxW"):
         spatial_complexity(np.zeros((2, 3, 4, 5), np.uint8), "si")
+
+
+def test_luma_decode_scores_like_the_rgb_decode(tmp_path):
+    from PIL import Image
+
+    from dance.data.complexity import LUMA_INDICATORS, all_indicators
+    from dance.data.io import read_image, read_luma
+    rgb = np.random.default_rng(5).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(rgb).save(path)
+    names = tuple(sorted(LUMA_INDICATORS))
+    assert all_indicators(read_luma(path), indicators=names) == \
+        all_indicators(read_image(path), indicators=names)

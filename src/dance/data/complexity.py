@@ -40,7 +40,7 @@ EDGE_THRESHOLD = 128.0
 JPEG_QUALITY = 75
 
 _SOBEL_INDICATORS = frozenset(("si", "gradient", "edges"))
-_LUMA_INDICATORS = _SOBEL_INDICATORS | {"entropy"}
+LUMA_INDICATORS = _SOBEL_INDICATORS | {"entropy"}  # computable from the luma alone
 
 
 def check_indicators(indicators: str | Iterable[str]) -> tuple[str, ...]:
@@ -195,7 +195,7 @@ def all_indicators(image=None, mask=None, indicators: Iterable[str] | None = Non
     out: dict[str, float] = {}
     if wanted & set(IMAGE_INDICATORS):
         rgb = as_rgb_uint8(image)
-        if wanted & _LUMA_INDICATORS:
+        if wanted & LUMA_INDICATORS:
             y = luma(rgb)
         if wanted & _SOBEL_INDICATORS:
             if min(y.shape) < 3:  # no interior pixel: no gradient to measure

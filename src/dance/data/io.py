@@ -10,16 +10,27 @@ from PIL import Image, UnidentifiedImageError
 from dance.errors import DanceError
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to an ``H x W x 3`` uint8 RGB array."""
+def _decode(path: str | os.PathLike, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"))
+            return np.asarray(im.convert(mode))
     except FileNotFoundError:
         raise DanceError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DanceError(f"{path}: unreadable or truncated image ({e})") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file to an ``H x W x 3`` uint8 RGB array."""
+    return _decode(path, "RGB")
+
+
+def read_luma(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image straight to its ``H x W`` uint8 BT.601 luma (PIL's "L" conversion), for
+    the luma-only complexity indicators: no RGB array is built, so scoring stays close to the
+    cost of the decode itself."""
+    return _decode(path, "L")
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

@@ -27,10 +27,11 @@ from tqdm import tqdm
 from dance.data.complexity import (
     IMAGE_INDICATORS,
     LABEL_INDICATORS,
+    LUMA_INDICATORS,
     all_indicators,
     check_indicators,
 )
-from dance.data.io import file_key, read_image, read_mask
+from dance.data.io import file_key, read_image, read_luma, read_mask
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json, atomic_write_text
 
@@ -129,7 +130,9 @@ def _score_sample(dataset, index: int, indicators: tuple[str, ...],
     if need_image and need_mask:
         image, mask = dataset.load(index)  # checks that the mask fits its image
     else:
-        image = read_image(sample.image) if need_image else None
+        # luma-only indicators (si, gradient, edges, entropy) never need the RGB array
+        reader = read_luma if set(indicators) <= LUMA_INDICATORS else read_image
+        image = reader(sample.image) if need_image else None
         mask = dataset.map_mask(read_mask(sample.mask), sample.mask) if need_mask else None
     scores = all_indicators(image, mask, indicators, scale=scale)
     return scores, int(need_image), int(need_mask)
