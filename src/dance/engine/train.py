@@ -153,7 +153,7 @@ def _wrap(model: nn.Module, rt: Runtime) -> nn.Module:
 
 
 class _Tensorboard:
-    """TensorBoard scalars on rank 0 only; absent tensorboard never breaks training."""
+    """TensorBoard scalars, written by rank 0 only (the other ranks pass no folder)."""
 
     def __init__(self, folder: Path | None):
         self.w = None
