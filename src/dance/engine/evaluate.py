@@ -378,3 +378,21 @@ class _FixedScale:
 
 
 __all__ = ["AdaptiveResolution", "evaluate", "measure_inference", "miou_flops_curve"]
+
+
+def eval_fields(model: nn.Module, dataset, device: str | torch.device = "cpu",
+                mode: str = "whole", crop: tuple[int, int] | None = None, amp: bool = False,
+                progress: bool = True, rank: int = 0, world_size: int = 1,
+                resolution: Callable[[np.ndarray], float] | None = None) -> tuple[dict, dict]:
+    """The SPEC §4 `eval` fields of ``model`` on ``dataset`` (accuracy from ``evaluate``, cost
+    from ``measure_inference`` at the dataset's image size), and ``evaluate``'s own result."""
+    from dance.data.io import image_size
+    res = evaluate(model, dataset, device=device, mode=mode, crop=crop, stride=None, amp=amp,
+                   progress=progress, rank=rank, world_size=world_size, resolution=resolution)
+    size = image_size(dataset.samples[0].image)
+    inf = measure_inference(model, size, device=device)
+    fields = {"miou": res["miou"], "per_class_iou": res["per_class_iou"],
+              "pixel_acc": res["pixel_acc"], "params": inf["params"], "gflops": inf["gflops"],
+              "latency_ms": inf["latency_ms"], "input_size": list(size),
+              "peak_memory_mb": inf["peak_memory_mb"]}
+    return fields, res

@@ -9,7 +9,7 @@ import numpy as np
 
 from dance.data.datasets import open_dataset
 from dance.engine import checkpoint as ckpt
-from dance.engine.evaluate import AdaptiveResolution, evaluate, measure_inference
+from dance.engine.evaluate import AdaptiveResolution, eval_fields
 from dance.errors import DanceError
 
 
@@ -33,16 +33,9 @@ def eval_checkpoint(checkpoint: str | Path, dataset: str, root: str, split: str 
     resolution = None
     if adaptive_resolution:
         resolution = _adaptive_policy(state, folder)
-    res = evaluate(model, ds, device=dev, mode=mode, crop=tuple(crop), stride=None,
-                   amp=dev.type == "cuda", progress=progress, resolution=resolution)
-    from dance.data.io import image_size
-    size = image_size(ds.samples[0].image)
-    inf = measure_inference(model, size, device=dev)
-    out = {"miou": res["miou"], "per_class_iou": res["per_class_iou"],
-           "pixel_acc": res["pixel_acc"], "params": inf["params"], "gflops": inf["gflops"],
-           "latency_ms": inf["latency_ms"], "input_size": list(size),
-           "peak_memory_mb": inf["peak_memory_mb"], "split": split, "mode": mode,
-           "checkpoint": str(folder)}
+    out, res = eval_fields(model, ds, device=dev, mode=mode, crop=tuple(crop),
+                           amp=dev.type == "cuda", progress=progress, resolution=resolution)
+    out.update(split=split, mode=mode, checkpoint=str(folder))
     if resolution is not None:
         out["adaptive_resolution"] = {"mean_gflops": res.get("mean_gflops"),
                                       "scales": res.get("scales"),

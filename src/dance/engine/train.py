@@ -28,7 +28,7 @@ from dance.data.transforms import TrainTransform
 from dance.engine import checkpoint as ckpt
 from dance.engine.config import RunConfig, load_config
 from dance.engine.cost import EnergyMeter, PhaseTimer
-from dance.engine.evaluate import evaluate, measure_inference
+from dance.engine.evaluate import eval_fields
 from dance.engine.loss import weighted_cross_entropy
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json
@@ -436,22 +436,12 @@ def _evaluate(model: nn.Module, val_ds: SegmentationDataset, cfg: RunConfig, rt:
     """Validation mIoU and inference cost of the model as it stands (the slimmed one)."""
     tc = cfg.train
     model.eval()
-    res = evaluate(model, val_ds, device=rt.device, mode=tc.eval_mode,
-                   crop=tuple(tc.eval_crop or tc.crop), stride=None,
-                   amp=tc.amp and rt.device.type == "cuda", progress=show,
-                   rank=rt.rank, world_size=rt.world_size)
-    size = _eval_size(val_ds)
-    inf = measure_inference(model, size, device=rt.device)
+    fields, _ = eval_fields(model, val_ds, device=rt.device, mode=tc.eval_mode,
+                            crop=tuple(tc.eval_crop or tc.crop),
+                            amp=tc.amp and rt.device.type == "cuda", progress=show,
+                            rank=rt.rank, world_size=rt.world_size)
     model.train()
-    return {"miou": res["miou"], "per_class_iou": res["per_class_iou"],
-            "pixel_acc": res["pixel_acc"], "params": inf["params"], "gflops": inf["gflops"],
-            "latency_ms": inf["latency_ms"], "input_size": list(size),
-            "peak_memory_mb": inf["peak_memory_mb"]}
-
-
-def _eval_size(ds: SegmentationDataset) -> tuple[int, int]:
-    from dance.data.io import image_size
-    return image_size(ds.samples[0].image)
+    return fields
 
 
 def cli_train(args) -> int:

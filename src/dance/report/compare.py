@@ -206,9 +206,7 @@ def _energy_kind(report: dict) -> str:
 
 
 def cli_compare(args) -> int:
-    from dance.engine.config import config_from_dict
     cfg = load_config(args.config, args.overrides)
-    cfg = config_from_dict(cfg.to_dict(), args.config)
     runs = parse_runs(args.runs)
     if args.seeds < 1:
         raise DanceError(f"--seeds must be at least 1, got {args.seeds}")
