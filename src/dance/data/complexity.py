@@ -30,6 +30,7 @@ from collections.abc import Iterable
 import numpy as np
 from PIL import Image
 
+from dance.data.labels import IGNORE_INDEX
 from dance.errors import DanceError
 
 IMAGE_INDICATORS = ("si", "gradient", "edges", "entropy", "jpeg")
@@ -133,7 +134,7 @@ def jpeg_bytes_per_pixel(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> float:
     return buf.tell() / (rgb.shape[0] * rgb.shape[1])
 
 
-def label_boundary(mask: np.ndarray, ignore_index: int = 255) -> float:
+def label_boundary(mask: np.ndarray, ignore_index: int = IGNORE_INDEX) -> float:
     """Fraction of valid mask pixels that have a valid 4-neighbour of another class."""
     m = np.asarray(mask)
     valid = m != ignore_index
@@ -157,7 +158,7 @@ def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
     return np.minimum(idx, n_in - 1)
 
 
-def label_aliasing(mask: np.ndarray, scale: float = 0.5, ignore_index: int = 255) -> float:
+def label_aliasing(mask: np.ndarray, scale: float = 0.5, ignore_index: int = IGNORE_INDEX) -> float:
     """Fraction of valid mask pixels whose class changes after a nearest round trip at ``scale``."""
     if not 0.0 < scale <= 1.0:
         raise DanceError(f"label_aliasing scale must be in (0, 1], got {scale}")
@@ -176,7 +177,7 @@ def label_aliasing(mask: np.ndarray, scale: float = 0.5, ignore_index: int = 255
 
 
 def all_indicators(image=None, mask=None, indicators: Iterable[str] | None = None,
-                   scale: float = 0.5, ignore_index: int = 255) -> dict[str, float]:
+                   scale: float = 0.5, ignore_index: int = IGNORE_INDEX) -> dict[str, float]:
     """Several indicators of one image, sharing one luma and one Sobel pass (SPEC §1.1).
 
     ``indicators=None`` means every indicator the inputs allow: all of them with a mask, the
@@ -226,7 +227,7 @@ def all_indicators(image=None, mask=None, indicators: Iterable[str] | None = Non
 
 
 def spatial_complexity(image, indicator: str = "si", mask=None, scale: float = 0.5,
-                       ignore_index: int = 255) -> float:
+                       ignore_index: int = IGNORE_INDEX) -> float:
     """One complexity score of one image (SPEC §1.1); see the module docstring for definitions.
 
     ``image``: ``H x W x 3`` uint8 array or tensor (``C x H x W`` and float [0, 1] accepted, see

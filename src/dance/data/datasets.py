@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from dance.data.io import read_image, read_mask
+from dance.data.labels import IGNORE_INDEX
 from dance.errors import DanceError
 
 DATASETS = ("cityscapes", "camvid", "bdd100k", "ade20k", "folder", "synth")
 SPLITS = ("train", "val", "test")
-IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the `folder` layout's images
 
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",

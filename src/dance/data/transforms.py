@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-IGNORE_INDEX = 255
+from dance.data.labels import IGNORE_INDEX
 
 
 def scaled_crop(crop: tuple[int, int], scale: float, multiple: int = 8) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dance.data.complexity import IMAGE_INDICATORS, check_indicators, spatial_complexity
+from dance.data.labels import IGNORE_INDEX
 from dance.data.transforms import EvalTransform
 from dance.engine.metrics import ConfusionMatrix
 from dance.errors import DanceError
@@ -134,7 +135,7 @@ def evaluate(model: nn.Module, dataset, device: str | torch.device = "cpu", mode
     device = torch.device(device)
     model.to(device)
     transform = EvalTransform()
-    cm = ConfusionMatrix(dataset.num_classes, ignore_index=255, device=device)
+    cm = ConfusionMatrix(dataset.num_classes, ignore_index=IGNORE_INDEX, device=device)
     scales: list[float] = []
     gflops: list[float] = []
     indices = range(rank, len(dataset), world_size)

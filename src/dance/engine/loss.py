@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = 255
+from dance.data.labels import IGNORE_INDEX
 
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,

@@ -15,11 +15,13 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from dance.data.labels import IGNORE_INDEX
+
 
 class ConfusionMatrix:
     """Accumulates a (C, C) int64 matrix: rows are targets, columns predictions."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device=None):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device=None):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = int(num_classes)

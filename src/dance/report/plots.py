@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dance.data.labels import IGNORE_INDEX  # noqa: E402
 from dance.engine.config import RunConfig  # noqa: E402
 
 _GUIDED = ("dance", "data", "shuffled")  # runs whose plan is complexity-derived
@@ -162,7 +163,7 @@ def plot_predictions(report: dict, cfg: RunConfig, path: Path, n: int = 3) -> st
         for k, m in models.items():
             with torch.no_grad():
                 pred = m(x).argmax(1)[0].numpy().astype(np.uint8)
-            pred[mask == 255] = 255
+            pred[mask == IGNORE_INDEX] = IGNORE_INDEX
             panels.append((k, _colorize(pred, ds.num_classes)))
         for col, (title, im) in enumerate(panels):
             ax = axes[row, col]
