@@ -10,10 +10,9 @@ import importlib
 import sys
 import traceback
 
+from dance.data.complexity import INDICATORS
 from dance.data.datasets import DATASETS
 from dance.errors import DanceError
-
-INDICATORS = ("si", "gradient", "edges", "entropy", "jpeg", "label_boundary", "label_aliasing")
 
 
 def _size(text: str) -> tuple[int, int]:

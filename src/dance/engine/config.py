@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dance.data.complexity import INDICATORS
+from dance.data.datasets import DATASETS
 from dance.errors import DanceError
 
 
@@ -23,7 +25,7 @@ class _Strict(BaseModel):
 
 
 class DatasetConfig(_Strict):
-    name: Literal["cityscapes", "camvid", "bdd100k", "ade20k", "folder", "synth"] = "synth"
+    name: Literal[DATASETS] = "synth"
     root: str = "data/synth"
     train_split: Literal["train", "val", "test"] = "train"
     val_split: Literal["train", "val", "test"] = "val"
@@ -78,8 +80,7 @@ class TrainConfig(_Strict):
 
 class DataSlimmingConfig(_Strict):
     enabled: bool = True
-    indicator: Literal["si", "gradient", "edges", "entropy", "jpeg", "label_boundary",
-                       "label_aliasing"] = "si"
+    indicator: Literal[INDICATORS] = "si"
     budget: float = 0.5
     adaptive: bool = True
     hardness_alpha: float = Field(0.5, ge=0, le=1)  # blend of hardness rank into complexity rank
