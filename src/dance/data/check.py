@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from dance.data.datasets import (
     SegmentationDataset,
@@ -30,6 +27,7 @@ from dance.data.datasets import (
 )
 from dance.data.io import image_size, read_image, read_mask
 from dance.errors import DanceError
+from dance.parallel import parallel_map
 
 _JPEG_TAIL_BYTES = 1024
 
@@ -113,30 +111,18 @@ def check_dataset(dataset: SegmentationDataset, workers: int | None = None,
     items = [(str(s.image), None if s.mask is None else str(s.mask), str(dataset.expected_mask(s)))
              for s in dataset.samples]
     worker = partial(_check_sample, valid_raw=dataset.valid_raw)
-    workers = min(workers or os.cpu_count() or 1, max(len(items), 1))
-    bar = tqdm(total=len(items), desc=f"check-data {dataset.name}/{dataset.split}", unit="img",
-               file=sys.stderr, disable=None if progress else True)
     problems: list[dict] = []
     value_counts = np.zeros(256, dtype=np.int64)
-
-    def collect(results) -> None:
-        nonlocal value_counts
-        for sample_problems, counts in results:
-            problems.extend({"file": f, "problem": p} for f, p in sample_problems)
-            if counts is not None:
-                value_counts += counts
-            bar.update()
-
-    with bar:
-        split_problem = dataset.split_problem()
-        if split_problem:
-            problems.append({"file": str(dataset.image_dir), "problem": split_problem})
-        if workers <= 1:
-            collect(map(worker, items))
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                chunk = max(1, min(32, len(items) // (4 * workers)))
-                collect(pool.map(worker, items, chunksize=chunk))
+    split_problem = dataset.split_problem()
+    if split_problem:
+        problems.append({"file": str(dataset.image_dir), "problem": split_problem})
+    # workers 0 or None: every core; problems listed in sample order
+    for sample_problems, counts in parallel_map(worker, items, workers or None, progress=progress,
+                                                desc=f"check-data {dataset.name}/{dataset.split}",
+                                                ordered=True):
+        problems.extend({"file": f, "problem": p} for f, p in sample_problems)
+        if counts is not None:
+            value_counts += counts
     class_pixels, ignore_pixels = dataset.class_pixel_counts(value_counts)
     return CheckReport(dataset=dataset.name, split=dataset.split, num_samples=len(dataset),
                        num_classes=dataset.num_classes, class_pixels=class_pixels.tolist(),

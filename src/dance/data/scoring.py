@@ -12,17 +12,15 @@ import csv
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import closing
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 from dance.data.complexity import (
     IMAGE_INDICATORS,
@@ -34,6 +32,7 @@ from dance.data.complexity import (
 from dance.data.io import file_key, read_image, read_luma, read_mask
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json, atomic_write_text
+from dance.parallel import parallel_map, worker_count
 
 CSV_HEADER = ("id", "path", "indicator", "score")
 CACHE_FORMAT = "dance-score-cache"
@@ -151,40 +150,8 @@ def _score_task(task: tuple[int, tuple[str, ...]]) -> tuple[int, dict[str, float
                                   _worker_state["scale"]))
 
 
-def resolve_workers(workers: int | None, n_tasks: int) -> int:
-    """Processes to use: all cores by default, never more than the tasks; <= 1 runs in-process."""
-    if workers is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    else:
-        n = workers
-    return max(1, min(n, n_tasks))
-
-
-def parallel_map(func, tasks: list, workers: int | None, initializer=None, initargs=(),
-                 progress: bool = True, desc: str = "") -> Iterator:
-    """``func`` over ``tasks`` in a process pool (results in completion order), with a bar.
-
-    Shared by scoring and the decode-only baseline of dance.bench (dance bench complexity), so the two
-    measure the same parallelism.
-    """
-    n_workers = resolve_workers(workers, len(tasks))
-    bar = tqdm(total=len(tasks), desc=desc, unit="img", disable=None if progress else True,
-               file=sys.stderr)
-    try:
-        if n_workers <= 1:
-            if initializer is not None:
-                initializer(*initargs)
-            for task in tasks:
-                yield func(task)
-                bar.update()
-            return
-        chunksize = max(1, min(32, len(tasks) // (n_workers * 8)))
-        with multiprocessing.get_context().Pool(n_workers, initializer, initargs) as pool:
-            for result in pool.imap_unordered(func, tasks, chunksize=chunksize):
-                yield result
-                bar.update()
-    finally:
-        bar.close()
+# The pool lives in dance.parallel; dance.bench imports both names from here.
+resolve_workers = worker_count
 
 
 # --- the dataset ------------------------------------------------------------------------------

@@ -21,15 +21,14 @@ import json
 import math
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from dance.errors import DanceError
 from dance.fileio import atomic_write_bytes, atomic_write_json
+from dance.parallel import parallel_map
 
 GENERATOR_VERSION = 1
 MANIFEST = "synthstreets.json"
@@ -697,18 +696,8 @@ def generate_synthstreets(out: str | os.PathLike, train: int = 300, val: int = 1
     _remove_stale(root, counts)
     jobs = [(str(root), int(seed), s, i, (h, w)) for s in SPLITS for i in range(counts[s])]
     # workers=0 draws in this process; None uses every core we may run on.
-    n_workers = min(len(os.sched_getaffinity(0)) if workers is None else workers, total)
-    bar = tqdm(total=total, desc="SynthStreets", unit="img", disable=None if progress else True)
-    with bar:
-        if n_workers <= 1:
-            for job in jobs:
-                _write_sample(job)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=n_workers) as pool:
-                chunk = max(1, min(16, total // (4 * n_workers)))
-                for _ in pool.map(_write_sample, jobs, chunksize=chunk):
-                    bar.update()
+    for _ in parallel_map(_write_sample, jobs, workers, progress=progress, desc="SynthStreets"):
+        pass
     seconds = time.perf_counter() - start
     atomic_write_json(root / MANIFEST, params)  # no timings in it: the folder is byte-identical
     return {**summary, "seconds": seconds, "reused": False}
