@@ -15,7 +15,6 @@ slimming differ:
 """
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from dance.engine.config import RunConfig, load_config
 from dance.errors import DanceError
-from dance.fileio import atomic_write_json, atomic_write_text
+from dance.fileio import atomic_write_json, atomic_write_text, jsonable
 
 RUN_KINDS = ("baseline", "uniform", "progressive", "shuffled", "data", "network", "dance")
 RATIO_FIELDS = {"train_gflops": "train_gflops_total", "infer_gflops": "gflops",
@@ -123,19 +122,12 @@ def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1
     if plots:
         from dance.report.plots import make_plots
         report["plots"] = make_plots(report, cfg, out_dir)
-    atomic_write_json(out_dir / "report.json", _jsonable(report))
+    atomic_write_json(out_dir / "report.json", jsonable(report))
     atomic_write_text(out_dir / "report.md", render_markdown(report))
     return report
 
 
-def _jsonable(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
+_jsonable = jsonable  # the old name, until dance.bench imports dance.fileio.jsonable
 
 
 def _pm(mean: float, std: float, seeds: int, fmt: str = "{:.2f}") -> str:
