@@ -1,6 +1,6 @@
 """`dance score` throughput vs decode-only; indicators vs label_aliasing: `dance bench complexity`."""
 import sys
 
-from dance.bench import main
+from dance.cli import main
 
-sys.exit(main(["complexity", *sys.argv[1:]]))
+sys.exit(main(["bench", "complexity", *sys.argv[1:]]))

@@ -1,6 +1,6 @@
 """Params, GFLOPs, latency before/after removing each model's largest branch: `dance bench models`."""
 import sys
 
-from dance.bench import main
+from dance.cli import main
 
-sys.exit(main(["models", *sys.argv[1:]]))
+sys.exit(main(["bench", "models", *sys.argv[1:]]))

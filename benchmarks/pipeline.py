@@ -1,6 +1,6 @@
 """Data-pipeline images/s at each data-plan scale vs full scale: `dance bench pipeline`."""
 import sys
 
-from dance.bench import main
+from dance.cli import main
 
-sys.exit(main(["pipeline", *sys.argv[1:]]))
+sys.exit(main(["bench", "pipeline", *sys.argv[1:]]))

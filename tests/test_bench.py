@@ -102,7 +102,7 @@ def test_train_plain_vs_dance_ratios(capsys, tmp_path):
 
 
 def test_train_defaults_to_the_demos_small_model_options():
-    from dance.bench import default_model_options
+    from dance.bench.train import default_model_options
     assert default_model_options("deeplabv3plus_mbv2") == {"width_mult": 0.5,
                                                            "aspp_channels": 64}
     assert default_model_options("pspnet_r18") == {}
@@ -162,7 +162,7 @@ def test_spearman_matches_scipy_without_needing_it():
     import numpy as np
     from scipy.stats import spearmanr
 
-    from dance.bench import spearman
+    from dance.bench.complexity import spearman
     rng = np.random.default_rng(0)
     a = rng.random(200)
     b = a + rng.normal(0, 0.3, 200)

@@ -35,10 +35,135 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _int_at_least(low: int):
+    """A parser of integers >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+    return parse
+
+
+def _device(text: str) -> str:
+    import re
+    if text not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _model_options(text: str) -> dict:
+    import json
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError:
+        v = None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as "
+                                         f"'{{\"width_mult\": 0.5}}', got {text!r}")
+    return v
+
+
+def _budget(text: str) -> float:
+    from dance.data.plan import check_budget
+    try:
+        return check_budget(float(text))
+    except (ValueError, DanceError) as e:
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, DanceError)
+                                         else f"expected a number, got {text!r}") from None
+
+
+class _BadOptions(DanceError):
+    """A bad option of ``dance COMMAND``, reported as one line with exit status 1 (not argparse's
+    usage and exit 2): `dance bench`'s parsers raise it, for the scripts that run benchmarks."""
+
+    def __init__(self, command: str, message: str):
+        super().__init__(message)
+        self.command = command
+
+
+def _one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``p`` raises `_BadOptions` on a bad option; ``main`` prints it as ``dance bench: error:
+    pipeline: argument --n: ...``."""
+    def error(message: str):
+        _, command, *where = p.prog.split()  # "dance bench pipeline"
+        raise _BadOptions(command, f"{' '.join(where)}: {message}" if where else message)
+    p.error = error  # type: ignore[method-assign]
+    return p
+
+
 def _dataset_args(p: argparse.ArgumentParser, split_default: str | None = "train") -> None:
     p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout (SPEC §3)")
     p.add_argument("--root", required=True, help="folder the dataset was downloaded or unpacked to")
     p.add_argument("--split", default=split_default, choices=("train", "val", "test"))
+
+
+def _bench_commands(sub) -> None:
+    """``dance bench SUBCOMMAND``: one sub-parser per benchmark module of `dance.bench`, whose
+    ``run`` handles it; their bad options are one-line errors (`_one_line_errors`)."""
+    def parser(action, name: str, help: str) -> argparse.ArgumentParser:
+        p = action.add_parser(name, help=help, description=help)
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show tracebacks on errors")
+        return _one_line_errors(p)
+
+    bench = parser(sub, "bench", "benchmarks printing ratios measured side by side in one run, "
+                   "on the machine they name (dance bench SUBCOMMAND --help)")
+    bench = bench.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = parser(bench, name, help)
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(handler=f"dance.bench.{name}:run")
+        return p
+
+    p = command("complexity", "`dance score` throughput vs decode-only; indicators vs label_aliasing")
+    p.add_argument("--n", type=_int_at_least(2), default=500, help="SynthStreets images")
+    p.add_argument("--size", type=_size, default=(256, 512), help="HxW of the images")
+    p.add_argument("--workers", type=_int_at_least(0), default=None,
+                   help="processes (default: all cores)")
+    p.add_argument("--repeats", type=_int_at_least(1), default=3,
+                   help="alternating rounds, best kept")
+    p.add_argument("--data", default=None, help="SynthStreets root (generated if incomplete)")
+
+    p = command("models", "params, GFLOPs, latency before/after removing each model's largest branch")
+    p.add_argument("--size", type=_size, default=(512, 1024), help="HxW of the input")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--models", default=None, help="comma-separated (default: all)")
+    p.add_argument("--runs", type=_int_at_least(0), default=5,
+                   help="timed runs per model (0: params and GFLOPs only)")
+    p.add_argument("--threads", type=_int_at_least(1), default=2, help="CPU threads")
+    p.add_argument("--num-classes", type=_int_at_least(1), default=19, help="output classes")
+
+    p = command("train", "plain vs DANCE training side by side: images/s, wall time, FLOPs, energy")
+    p.add_argument("--model", default="deeplabv3plus_mbv2", help="model name (as model.name)")
+    p.add_argument("--model-options", type=_model_options, default=None,
+                   help="JSON builder options (default: the demo's small ones for its model)")
+    p.add_argument("--size", type=_size, default=(128, 256), help="HxW of images and crop")
+    p.add_argument("--train", type=_int_at_least(2), default=64, help="training images")
+    p.add_argument("--val", type=_int_at_least(1), default=8, help="validation images")
+    p.add_argument("--epochs", type=_int_at_least(1), default=2, help="epochs of each run")
+    p.add_argument("--batch", type=_int_at_least(1), default=8, help="batch size")
+    p.add_argument("--workers", type=_int_at_least(0), default=1, help="loader processes")
+    p.add_argument("--budget", type=_budget, default=0.5, help="DANCE's data budget")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", default=None,
+                   help="keep the runs and results.json here (default: a temp folder)")
+    p.add_argument("--data", default=None, help="SynthStreets root (default: OUT/data)")
+
+    p = command("pipeline", "data-pipeline images/s at each data-plan scale vs full scale and "
+                "decode-only")
+    p.add_argument("--n", type=_int_at_least(2), default=64, help="SynthStreets images")
+    p.add_argument("--size", type=_size, default=(256, 512), help="HxW of the images")
+    p.add_argument("--crop", type=_size, default=(256, 512), help="training crop HxW")
+    p.add_argument("--workers", type=_int_at_least(0), default=1, help="loader processes")
+    p.add_argument("--batch", type=_int_at_least(1), default=8, help="batch size")
+    p.add_argument("--repeats", type=_int_at_least(1), default=3,
+                   help="alternating rounds, best kept")
+    p.add_argument("--data", default=None, help="SynthStreets root (generated if incomplete)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,11 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dance-demo", help="output folder (data, runs, report)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    p = command("bench", "dance.bench:cli_bench",
-                "benchmarks printing ratios measured side by side in one run: complexity, "
-                "models, train, pipeline (dance bench SUBCOMMAND --help)")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="SUBCOMMAND ...",
-                   help="complexity | models | train | pipeline, then its options")
+    _bench_commands(sub)
 
     return parser
 
@@ -151,7 +272,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _BadOptions as e:
+        print(f"dance {e.command}: error: {e}", file=sys.stderr)
+        return 1
     try:
         return _run(args)
     except DanceError as e:

@@ -1,0 +1,94 @@
+"""What every benchmark shares: the machine a number was measured on, markdown tables, runs
+timed side by side, the SynthStreets set it runs on, progress lines and printing the result."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict:
+    """What a number was measured on: platform, usable CPUs, load, torch, the CUDA device."""
+    device = torch.device(device)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info = {"platform": platform.platform(), "cpu_count": cpus, "torch": torch.__version__,
+            "load_average_start": os.getloadavg()[0], "device": str(device)}
+    if device.type == "cuda":
+        info["cuda_device"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def finish_machine(info: dict) -> dict:
+    """``info`` with the load at the end too: a busy shared machine shows in it, and the reader
+    can judge."""
+    return {**info, "load_average_end": os.getloadavg()[0]}
+
+
+def machine_line(info: Mapping) -> str:
+    """One line naming the machine of ``info`` (`machine_info`)."""
+    where = f"CUDA {info['cuda_device']}" if "cuda_device" in info else "CPU"
+    load = f"load {info['load_average_start']:.1f}"
+    if "load_average_end" in info:
+        load += f" → {info['load_average_end']:.1f}"
+    return (f"Machine: {info['platform']}, {info['cpu_count']} CPUs ({load}), "
+            f"torch {info['torch']}, {where}.")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def side_by_side(runs: Mapping[str, Callable[[], int]], repeats: int) -> dict[str, float]:
+    """Best images/s of each run over ``repeats`` rounds. Each run returns how many images it
+    processed; every round runs all of them once, in turn, so a busy moment of a shared machine
+    falls on one round of each rather than on one run."""
+    best = {name: 0.0 for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            images = run()
+            best[name] = max(best[name], images / (time.perf_counter() - start))
+    return best
+
+
+def synth_root(data: str | os.PathLike | None, train: int, val: int,
+               size: tuple[int, int]) -> Path:
+    """``data``, or a folder of the system temp dir named by the set, reused by later runs."""
+    if data is not None:
+        return Path(data)
+    h, w = size
+    return Path(tempfile.gettempdir()) / f"dance-bench-synth-{train}-{val}-{h}x{w}"
+
+
+def synth_dataset(root: Path, train: int, val: int, size: tuple[int, int]):
+    """The train split of SynthStreets at ``root`` (generated unless complete there already),
+    and `generate_synthstreets`'s summary of what it made."""
+    from dance.data.datasets import open_dataset
+    from dance.data.synth import generate_synthstreets
+    made = generate_synthstreets(root, train=train, val=val, size=size, seed=0, progress=True)
+    return open_dataset("synth", root, "train"), made
+
+
+def say(message: str) -> None:
+    """A progress line on stderr (stdout is for the table or the JSON)."""
+    print(f"[dance bench] {message}", file=sys.stderr, flush=True)
+
+
+def show(args: argparse.Namespace, result: dict, format: Callable[[dict], str]) -> int:
+    """Print ``result`` as one JSON object with ``--json``, else as ``format`` prints it."""
+    if args.json:
+        from dance.fileio import jsonable  # NaN (a constant column) -> null
+        print(json.dumps(jsonable(result), indent=2))
+    else:
+        print(format(result))
+    return 0

@@ -1,0 +1,132 @@
+"""`dance bench models`: params, GFLOPs and latency of each model before and after removing the
+largest branch of each of its multi-scale modules (what network slimming can remove)."""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+from dance.bench.common import finish_machine, machine_info, machine_line, markdown_table, say, show
+from dance.errors import DanceError
+
+
+def latencies_ms(models: list[torch.nn.Module], shape: tuple[int, ...],
+                 runs: int) -> list[float | None]:
+    """Median latency of each model. Runs alternate between the models, so load from other
+    processes on a shared machine falls on all of them alike."""
+    if runs <= 0:
+        return [None] * len(models)
+    device = next(models[0].parameters()).device
+    x = torch.rand(shape, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: list[list[float]] = [[] for _ in models]
+    with torch.inference_mode():
+        for model in models:
+            model(x)  # warm-up: oneDNN / cuDNN pick their kernels on the first call
+        for _ in range(runs):
+            for model, t in zip(models, times):
+                sync()
+                start = time.perf_counter()
+                model(x)
+                sync()
+                t.append(time.perf_counter() - start)
+    return [1000 * statistics.median(t) for t in times]
+
+
+def model_size(model: torch.nn.Module, shape: tuple[int, ...]) -> dict:
+    from dance.network.flops import count_gflops
+    return {"params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "gflops": count_gflops(model, shape)}
+
+
+def largest_branches(model: torch.nn.Module, shape: tuple[int, ...]) -> list[str]:
+    """Per multi-scale module, the removable branch whose removal saves the most FLOPs."""
+    from dance.network.gates import branches
+    best = {}
+    for b in branches(model, shape):
+        if b.gflops_share > 0 and (b.module_path not in best
+                                   or b.gflops_share > best[b.module_path].gflops_share):
+            best[b.module_path] = b
+    return [b.name for b in best.values()]
+
+
+def _before_and_after(name: str, num_classes: int, dev: torch.device, shape: tuple[int, ...],
+                      runs: int) -> dict:
+    """One row of `bench_models`: ``name`` and its copy with the largest branches removed."""
+    from dance.network.gates import remove_branches
+    from dance.network.registry import build_model
+    model = build_model(name, num_classes).eval().to(dev)
+    slim = copy.deepcopy(model)
+    removed = largest_branches(model, shape)
+    remove_branches(slim, removed)
+    before, after = model_size(model, shape), model_size(slim, shape)
+    before["latency_ms"], after["latency_ms"] = latencies_ms([model, slim], shape, runs)
+    return {"model": name, "removed": removed, "before": before, "after": after,
+            "ratios": {k: (after[k] / before[k] if before[k] else None) for k in before}}
+
+
+def bench_models(size: tuple[int, int] = (512, 1024), device: str = "cpu",
+                 models: Sequence[str] | None = None, runs: int = 5, threads: int = 2,
+                 num_classes: int = 19) -> dict:
+    """Params and GFLOPs (FlopCounterMode, multiply-add = 2) of each model and of a copy with
+    the largest branch of each multi-scale module removed; latency: median of ``runs`` forwards
+    (batch 1, eval, inference mode, fp32) after one warm-up, the two models alternating."""
+    from dance.engine.runtime import pick_device
+    from dance.network.registry import list_models
+    names = list(models) if models else list_models()
+    unknown = [m for m in names if m not in list_models()]
+    if unknown:
+        raise DanceError(f"--models: unknown model {unknown[0]!r}; choose from "
+                         f"{', '.join(list_models())}")
+    dev = pick_device(device)
+    machine = machine_info(dev)
+    shape = (1, 3, *size)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rows = []
+    try:
+        for name in names:
+            say(f"{name}")
+            rows.append(_before_and_after(name, num_classes, dev, shape, runs))
+    finally:
+        torch.set_num_threads(threads_before)
+    return {"bench": "models", "machine": finish_machine(machine),
+            "setup": {"size": list(size), "runs": runs, "threads": threads,
+                      "num_classes": num_classes},
+            "models": rows}
+
+
+def _change(before: dict, after: dict, key: str, fmt: str) -> str:
+    """``before → after (change%)`` for one table column."""
+    if before[key] is None:
+        return "-"
+    if key == "latency_ms" and before[key] < 100:
+        fmt = ".1f"
+    change = 100 * (after[key] / before[key] - 1)
+    return f"{before[key]:{fmt}} → {after[key]:{fmt}} ({change:+.1f}%)"
+
+
+def format_models(r: dict) -> str:
+    s = r["setup"]
+    table = markdown_table(
+        ["model", "removed", "params (M)", "GFLOPs", "latency (ms, measured)"],
+        [(m["model"], ", ".join(m["removed"]) or "-",
+          _change(m["before"], m["after"], "params_m", ".2f"),
+          _change(m["before"], m["after"], "gflops", ".1f"),
+          _change(m["before"], m["after"], "latency_ms", ".0f")) for m in r["models"]])
+    return (f"Input 1x3x{s['size'][0]}x{s['size'][1]}, {s['num_classes']} classes, "
+            f"{s['runs']} timed runs (median), {s['threads']} CPU threads.\n"
+            f"{machine_line(r['machine'])}\n\n{table}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``dance bench models``: run it, print its table (or ``--json``)."""
+    names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    result = bench_models(args.size, args.device, names, args.runs, args.threads,
+                          args.num_classes)
+    return show(args, result, format_models)

@@ -1,0 +1,129 @@
+"""`dance bench pipeline`: decode + augment + collate throughput at every scale of the data plan
+next to full scale, and decode alone: whether the data pipeline eats the savings of
+downsampling (the image is decoded at full resolution whatever its scale)."""
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dance.bench.common import (
+    finish_machine,
+    machine_info,
+    machine_line,
+    markdown_table,
+    say,
+    show,
+    side_by_side,
+    synth_dataset,
+    synth_root,
+)
+from dance.data.plan import DEFAULT_SCALE_SET
+
+
+class _DecodeOnly(torch.utils.data.Dataset):
+    """Image and mask read and mapped to train ids, nothing else: what every scale pays."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> int:
+        self.dataset.load(index)
+        return index
+
+
+def bench_pipeline(n: int = 64, size: tuple[int, int] = (256, 512),
+                   crop: tuple[int, int] = (256, 512), workers: int = 1, batch: int = 8,
+                   repeats: int = 3, data: str | os.PathLike | None = None,
+                   scale_set: Sequence[float] = DEFAULT_SCALE_SET) -> dict:
+    """Images/s of the training data pipeline (`PlannedDataset` + `TrainTransform` through a
+    `DataLoader` with the `BucketedBatchSampler`: decode, augment, collate, no model) with every
+    image at each scale of ``scale_set``, next to full scale and to decode alone, best of
+    ``repeats`` alternating rounds. One loader serves every scale (persistent workers, the plan
+    swapped between epochs as the trainer does), so worker start-up is in none of them."""
+    from torch.utils.data import DataLoader
+
+    from dance.data.loader import PlannedDataset, collate_planned
+    from dance.data.plan import uniform_plan
+    from dance.data.sampler import BucketedBatchSampler
+    from dance.data.transforms import TrainTransform
+    scale_set = sorted({float(s) for s in scale_set} | {1.0})
+    machine = machine_info("cpu")
+    root = synth_root(data, n, 0, size)
+    dataset, made = synth_dataset(root, n, 0, size)
+    ids = [s.id for s in dataset.samples]
+    transform = TrainTransform(crop)
+    plans = {s: uniform_plan(ids, s * s) for s in scale_set}  # every image at scale s
+    sampler = BucketedBatchSampler(plans[1.0], batch, epochs=1, seed=0)
+    persistent = {"num_workers": workers, "persistent_workers": workers > 0}
+    loader = DataLoader(PlannedDataset(dataset, transform, seed=0), batch_sampler=sampler,
+                        collate_fn=collate_planned, **persistent)
+    # collate_fn=len: a batch of decode-only items is just counted
+    decode_loader = DataLoader(_DecodeOnly(dataset), batch_size=batch, collate_fn=len,
+                               **persistent)
+    shapes: dict[float, tuple[int, int]] = {}
+
+    def at_scale(scale: float) -> Callable[[], int]:
+        def run() -> int:
+            sampler.plan = plans[scale]
+            images = 0
+            for b in loader:
+                images += b["image"].shape[0]
+                shapes[scale] = tuple(b["image"].shape[-2:])
+            return images
+        return run
+
+    runs = {"decode only": lambda: sum(decode_loader)}
+    runs.update({repr(s): at_scale(s) for s in scale_set})
+    say(f"{len(dataset)} images at {len(scale_set)} scales, {workers} worker(s), "
+         f"{repeats} round(s) after a warm-up")
+    side_by_side(runs, 1)  # warm-up: workers started, page cache and kernels warm
+    speed = side_by_side(runs, repeats)
+    full = speed[repr(1.0)]
+    full_pixels = shapes[1.0][0] * shapes[1.0][1]
+    return {
+        "bench": "pipeline", "machine": finish_machine(machine),
+        "setup": {"images": len(dataset), "size": list(size), "crop": list(crop),
+                  "scale_range": list(transform.scale_range), "workers": workers,
+                  "batch": batch, "repeats": repeats, "data": str(root),
+                  "data_reused": made["reused"]},
+        "decode_only_images_per_second": speed["decode only"],
+        "decode_only_ratio_vs_full_scale": speed["decode only"] / full,
+        "images_per_second": {repr(s): speed[repr(s)] for s in scale_set},
+        "ratio_vs_full_scale": {repr(s): speed[repr(s)] / full for s in scale_set},
+        "output_size": {repr(s): list(shapes[s]) for s in scale_set},
+        "pixels_vs_full_scale": {repr(s): shapes[s][0] * shapes[s][1] / full_pixels
+                                 for s in scale_set},
+    }
+
+
+def format_pipeline(r: dict) -> str:
+    s = r["setup"]
+    h, w = s["size"]
+    rows = [("decode only", f"{h}x{w} (as stored)", f"{r['decode_only_images_per_second']:.1f}",
+             f"{r['decode_only_ratio_vs_full_scale']:.2f}×", "")]
+    rows += [(f"scale {k}", "x".join(map(str, r["output_size"][k])), f"{ips:.1f}",
+              f"{r['ratio_vs_full_scale'][k]:.2f}×", f"{r['pixels_vs_full_scale'][k]:.3f}")
+             for k, ips in sorted(r["images_per_second"].items(), key=lambda kv: float(kv[0]))]
+    table = markdown_table(["run", "output HxW", "images/s", "vs scale 1.0",
+                            "pixels vs scale 1.0"], rows)
+    return (f"Data pipeline (decode + augment + collate, no model): SynthStreets {h}x{w}, "
+            f"{s['images']} images, crop {s['crop'][0]}x{s['crop'][1]}, random scale "
+            f"{s['scale_range'][0]:g}-{s['scale_range'][1]:g}, batch {s['batch']}, "
+            f"{s['workers']} worker(s), best of {s['repeats']} alternating rounds.\n"
+            f"{machine_line(r['machine'])}\n\n{table}\n\n"
+            f"Decoding alone runs at {r['decode_only_ratio_vs_full_scale']:.2f}× the full-scale "
+            f"pipeline: no scale can make the data pipeline faster than that, while the "
+            f"model's work falls with the pixels.")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``dance bench pipeline``: run it, print its table (or ``--json``)."""
+    result = bench_pipeline(args.n, args.size, args.crop, args.workers, args.batch, args.repeats,
+                            args.data)
+    return show(args, result, format_pipeline)
