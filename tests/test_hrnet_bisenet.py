@@ -93,7 +93,7 @@ def test_gate_zero_equals_structural_removal(name, branch):
     assert params(removed) < n_params
     assert dance.count_gflops(removed, SHAPE) < gflops
     assert branch.rsplit(".", 1)[1] not in removed.get_submodule(branch.rsplit(".", 1)[0]).gates
-    assert removed.dance_arch["removed"] == [branch]
+    assert removed.dance_arch.removed == [branch]
 
 
 def test_hrnet_stream_removal_deletes_its_modules():
@@ -152,7 +152,7 @@ def test_bisenet_layer4_goes_when_nothing_reads_the_1_32_features():
     with torch.no_grad():
         torch.testing.assert_close(model(image()), expected, atol=1e-5, rtol=0)
         assert model(image((1, 3, 65, 97))).shape == (1, 5, 65, 97)
-    assert model.dance_arch["removed"] == ["context_path.arm32", "context_path.global_context"]
+    assert model.dance_arch.removed == ["context_path.arm32", "context_path.global_context"]
 
     with pytest.raises(DanceError) as err:
         dance.remove_branches(model, ["context_path.arm16"])

@@ -82,7 +82,7 @@ def test_every_branch_gate_zero_equals_removal(name):
         gflops, params = count_gflops(model, shape), n_params(model)
         assert gflops < gflops_before and params < params_before, full
         before, gflops_before, params_before = removed, gflops, params
-    assert model.dance_arch["removed"] == removable
+    assert model.dance_arch.removed == removable
 
     with pytest.raises(DanceError, match=f"cannot remove branch '{last}'.*last branch") as e:
         remove_branches(model, [last])
@@ -105,7 +105,7 @@ def test_unknown_branch_is_a_one_line_error_and_removes_nothing():
     assert model.ppm.branch_names() == ["bin1", "bin2", "bin3", "bin6"]
     with pytest.raises(DanceError, match="'ppm.bin6'.*last branch"):
         remove_branches(model, ["ppm.bin1", "ppm.bin2", "ppm.bin3", "ppm.bin6"])
-    assert model.dance_arch["removed"] == []
+    assert model.dance_arch.removed == []
 
 
 def test_gates_scale_branch_outputs_and_are_trainable():

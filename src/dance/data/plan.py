@@ -458,6 +458,52 @@ class DataSlimmingPlan:
             raise DanceError(f"data plan JSON is malformed ({e})") from None
 
 
+class Hardness:
+    """How hard each training image still is: an EMA of its mean training loss per epoch.
+
+    The adaptive plan re-ranks images by it (``DataSlimmingPlan.replan``; see
+    docs/method.md#hardness). The trainer hands over each step's per-image losses
+    (``observe``); at the epoch end ``end_epoch`` folds the epoch's means into the EMA. An image
+    not yet seen has NaN. ``epoch_sums`` exposes the accumulators so a distributed trainer can
+    sum them over ranks before ``end_epoch``.
+    """
+
+    def __init__(self, n_images: int, momentum: float, values: Sequence[float] | None = None):
+        self.momentum = float(momentum)
+        self.values = (np.full(n_images, np.nan) if values is None
+                       else np.array(values, dtype=np.float64))
+        if len(self.values) != n_images:
+            raise DanceError(f"hardness has {len(self.values)} values for {n_images} images")
+        self.loss_sum = np.zeros(n_images, dtype=np.float64)
+        self.loss_count = np.zeros(n_images, dtype=np.float64)
+
+    def observe(self, index: np.ndarray, per_image_loss: np.ndarray) -> None:
+        np.add.at(self.loss_sum, np.asarray(index), np.asarray(per_image_loss, dtype=np.float64))
+        np.add.at(self.loss_count, np.asarray(index), 1.0)
+
+    def end_epoch(self) -> float | None:
+        """Fold this epoch's mean losses into the EMA; return their mean over seen images."""
+        seen = self.loss_count > 0
+        mean_loss = self.loss_sum / np.maximum(self.loss_count, 1)
+        fresh = seen & np.isnan(self.values)
+        self.values[fresh] = mean_loss[fresh]
+        upd = seen & ~fresh
+        m = self.momentum
+        self.values[upd] = m * self.values[upd] + (1 - m) * mean_loss[upd]
+        self.loss_sum[:] = 0
+        self.loss_count[:] = 0
+        return float(mean_loss[seen].mean()) if seen.any() else None
+
+    def filled(self) -> np.ndarray | None:
+        """The EMA with unseen images at the median, or None before any image was seen."""
+        if not np.isfinite(self.values).any():
+            return None
+        return np.where(np.isfinite(self.values), self.values, np.nanmedian(self.values))
+
+    def to_json(self) -> list[float]:
+        return [float(v) for v in self.values]
+
+
 def _build(ids: list[str], scores: Sequence[float], ranks: np.ndarray, budget: float,
            scale_set: tuple[float, ...], schedule: str, policy: str, beta: float, drop: bool,
            downsample: bool, weighting: bool, overrides: Mapping[str, float],

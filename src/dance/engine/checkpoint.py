@@ -18,8 +18,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dance.engine.runtime import unwrap_model
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json
+from dance.network.registry import Architecture, architecture
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
@@ -36,18 +38,14 @@ def _checkpoint_dir(path: str | Path) -> Path:
     raise DanceError(f"{p}: not a run or checkpoint folder (no {MODEL_FILE} + {STATE_FILE})")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write ``folder`` (e.g. ``run/checkpoint``) atomically as a whole."""
     folder = Path(folder)
-    model = unwrap(model)
+    model = unwrap_model(model)
     tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = dict(state)
-    state["arch"] = model.dance_arch
+    state["arch"] = architecture(model).to_json()
     if optimizer is not None:
         opt_tensors, opt_state = _optimizer_to_flat(optimizer, model)
         tensors.update(opt_tensors)
@@ -88,7 +86,7 @@ def _optimizer_to_flat(optimizer: torch.optim.Optimizer, model: nn.Module):
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
                          tensors: dict[str, torch.Tensor], opt_state: dict) -> None:
-    model = unwrap(model)
+    model = unwrap_model(model)
     params = dict(model.named_parameters())
     for g, saved in zip(optimizer.param_groups, opt_state["groups"]):
         g.update(saved)
@@ -114,22 +112,18 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Pa
         raise DanceError(f"{folder / MODEL_FILE}: corrupt checkpoint weights ({e})") from None
     if "arch" not in state:
         raise DanceError(f"{folder / STATE_FILE}: not a dance checkpoint (no architecture)")
+    Architecture.from_json(state["arch"], str(folder / STATE_FILE))  # malformed: one line
     return tensors, state, folder
 
 
 def build_from_arch(arch: dict) -> nn.Module:
     """Rebuild the (slimmed) architecture a checkpoint describes, untrained."""
-    from dance.network.gates import remove_branches
-    from dance.network.registry import build_model
-    model = build_model(arch["name"], arch["num_classes"], None, **arch.get("kwargs", {}))
-    if arch.get("removed"):
-        remove_branches(model, arch["removed"])
-    return model
+    return Architecture.from_json(arch).build()
 
 
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Load ``model/`` tensors; another architecture is a clear error."""
-    model = unwrap(model)
+    model = unwrap_model(model)
     weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
@@ -138,7 +132,8 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Pat
     if missing or unexpected or bad_shape:
         detail = (f"missing {missing[:3]}" if missing else
                   f"unexpected {unexpected[:3]}" if unexpected else f"shape mismatch {bad_shape[:3]}")
-        arch = getattr(model, "dance_arch", {}).get("name", type(model).__name__)
+        arch = getattr(model, "dance_arch", None)
+        arch = arch.name if arch is not None else type(model).__name__
         raise DanceError(f"{source}: checkpoint weights do not fit model {arch} ({detail})")
     model.load_state_dict(weights)
 

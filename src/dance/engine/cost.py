@@ -25,12 +25,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from dance.errors import DanceError
+from dance.network.flops import count_gflops
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +254,36 @@ class EnergyMeter:
         }
 
 
+@dataclass
+class CostLedger:
+    """Training FLOPs of a run as it ran, and as the plain run would have spent them.
+
+    ``full_gflops`` prices every step at the full crop and scales it to "every image kept", so
+    ``realised_cost = train_gflops / full_gflops`` is the run's cost as a fraction of a plain run
+    of the same epochs (see docs/method.md#cost-accounting). Counting is measurement, not
+    training: its seconds are kept apart (``accounting_seconds``) and out of ``train_seconds``.
+    """
+
+    train_gflops: float = 0.0
+    full_gflops: float = 0.0
+    images_seen: int = 0
+    accounting_seconds: float = 0.0
+
+    def add_step(self, model: torch.nn.Module, batch_shape: tuple[int, ...],
+                 full_hw: tuple[int, int], full_factor: float) -> None:
+        """Charge one optimizer step on a batch of ``batch_shape`` (N, C, H, W)."""
+        t0 = time.perf_counter()
+        n, _, h, w = batch_shape
+        self.train_gflops += count_gflops(model, (1, 3, h, w), backward=True) * n
+        self.full_gflops += count_gflops(model, (1, 3, *full_hw), backward=True) * n * full_factor
+        self.accounting_seconds += time.perf_counter() - t0
+        self.images_seen += n
+
+    @property
+    def realised_cost(self) -> float:
+        return self.train_gflops / max(self.full_gflops, 1e-12)
+
+
 class PhaseTimer:
     """Wall-clock seconds per named phase ("data", "forward_backward", "eval", ...), summed over
     every time the phase is entered. On a CUDA device each phase boundary synchronises, so the
@@ -283,6 +315,7 @@ class PhaseTimer:
 __all__ = [
     "J_PER_BYTE",
     "J_PER_FLOP",
+    "CostLedger",
     "EnergyMeter",
     "PhaseTimer",
     "estimate_energy_joules",

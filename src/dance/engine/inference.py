@@ -10,6 +10,7 @@ import numpy as np
 from dance.data.datasets import open_dataset
 from dance.engine import checkpoint as ckpt
 from dance.engine.evaluate import AdaptiveResolution, eval_fields
+from dance.engine.runtime import pick_device
 from dance.errors import DanceError
 
 
@@ -17,7 +18,6 @@ def eval_checkpoint(checkpoint: str | Path, dataset: str, root: str, split: str 
                     mode: str | None = None, crop: tuple[int, int] | None = None,
                     adaptive_resolution: bool = False, device: str = "auto",
                     progress: bool = True) -> dict:
-    from dance.engine.train import pick_device
     tensors, state, folder = ckpt.read_checkpoint(checkpoint)
     model = ckpt.build_from_arch(state["arch"])
     ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
@@ -79,5 +79,5 @@ def cli_export(args) -> int:
     from dance.network.export import export
     model = ckpt.load_model(args.checkpoint)
     path = export(model, args.out, format=args.format)
-    print(f"exported {model.dance_arch['name']} ({args.format}) -> {path}")
+    print(f"exported {model.dance_arch.name} ({args.format}) -> {path}")
     return 0

@@ -1,17 +1,18 @@
-"""The training loop (SPEC §1.2, §1.3, §2, §4 metrics.json, §5).
+"""The training loop (the method: docs/method.md; the run folder: docs/checkpoints.md).
 
 One loop serves the plain run and DANCE: with both slimming parts disabled the data plan is the
 plain run (every image, full scale, weight 1) and no slimmer exists. Data flows one way: dataset ->
 scores -> plan -> sampler/loader -> this loop <- slimmer. The loop asks the plan what each epoch
 looks like and the slimmer when to prune; neither reaches back in here.
+
+Read ``train`` first: it is the method, top to bottom. ``train_one_epoch`` is one pass of steps.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from dance.data.datasets import SegmentationDataset, open_dataset
 from dance.data.loader import PlannedDataset, collate_planned
-from dance.data.plan import DataSlimmingPlan, plan, progressive_plan, uniform_plan
+from dance.data.plan import DataSlimmingPlan, Hardness, plan, progressive_plan, uniform_plan
 from dance.data.sampler import BucketedBatchSampler
 from dance.data.transforms import TrainTransform
 from dance.engine import checkpoint as ckpt
@@ -30,64 +31,203 @@ from dance.engine.config import RunConfig, load_config
 from dance.engine.cost import EnergyMeter, PhaseTimer
 from dance.engine.evaluate import eval_fields
 from dance.engine.loss import weighted_cross_entropy
+from dance.engine.runtime import Runtime, all_reduce_, autocast, broadcast_from_main, setup_runtime, wrap_ddp
+from dance.engine.state import TrainState
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json
-from dance.network.flops import count_gflops
-from dance.network.gates import branches
+from dance.network.gates import MultiScaleModule, branches
 from dance.network.registry import build_model
 from dance.network.slimming import NetworkSlimmer, rebuild_optimizer
 
 
+def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          score_cache: str | Path | None = None) -> dict:
+    """Train one run into ``out_dir``; returns (and writes) its metrics.json content."""
+    out_dir = Path(out_dir)
+    rt = setup_runtime(cfg.train.device)
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    train_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
+    val_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
+    model = build_model(cfg.model.name, train_ds.num_classes, cfg.model.pretrained_backbone,
+                        **cfg.model.options)
+    plan0 = shared_data_plan(cfg, train_ds, out_dir, score_cache, progress, rt)
+    slimmer = make_slimmer(cfg, model)
+    state = TrainState(plan=plan0, hardness=[float("nan")] * len(train_ds))
+    saved = resume_run(out_dir / "checkpoint", cfg, model, slimmer, state, rt) if resume else None
+    run = start_run(cfg, rt, model, slimmer, train_ds, state, saved, out_dir, progress)
+    hardness = Hardness(len(train_ds), cfg.data_slimming.hardness_momentum, state.hardness)
+
+    run.meter.start()
+    t_start = time.perf_counter() - state.wall_seconds
+    for epoch in range(state.epoch, tc.epochs):
+        lr, mean_scale = train_one_epoch(run, state, hardness, epoch)
+        epoch_loss = end_epoch_hardness(hardness, rt)
+        if adapts(cfg) and hardness.filled() is not None:  # re-plan from what is still hard
+            state.plan = plan0.replan(hardness.filled(), alpha=cfg.data_slimming.hardness_alpha)
+        state.epoch, state.wall_seconds = epoch + 1, time.perf_counter() - t_start
+        state.hardness = hardness.to_json()
+        val = None
+        if tc.eval_every and (epoch + 1) % tc.eval_every == 0 and epoch + 1 < tc.epochs:
+            with run.timer.phase("eval"):
+                val = evaluate_run(model, val_ds, cfg, rt, run.show)["miou"]
+        record = {"epoch": epoch + 1, "step": state.global_step, "loss": epoch_loss, "lr": lr,
+                  "mean_scale": mean_scale, "gates": gate_values(model),
+                  "realised_cost": state.ledger.realised_cost, "val_miou": val}
+        state.history.append(record)
+        log_epoch(run, record)
+        if rt.is_main:
+            with run.timer.phase("checkpoint"):
+                state.phases = run.timer.to_json()
+                save_run_checkpoint(run, state)
+    run.meter.stop()
+    wall_seconds = time.perf_counter() - t_start
+
+    with run.timer.phase("eval"):
+        val_metrics = evaluate_run(model, val_ds, cfg, rt, run.show)
+    metrics = final_metrics(run, state, plan0, val_metrics, wall_seconds, saved is not None)
+    if rt.is_main:
+        atomic_write_json(out_dir / "metrics.json", metrics)
+        atomic_write_json(out_dir / "plan.json", plan0.to_json())
+    return metrics
+
+
 @dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
+class Run:
+    """The pieces of one run the loop works with; ``optimizer`` and ``ddp_model`` are replaced
+    when the slimmer removes branches."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DanceError(f"train.device={name} but CUDA is not available on this machine")
-    return torch.device(name)
+    cfg: RunConfig
+    rt: Runtime
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ddp_model: nn.Module
+    sampler: BucketedBatchSampler
+    loader: DataLoader
+    n_images: int
+    ckpt_dir: Path
+    slimmer: NetworkSlimmer | None = None
+    probe: list = field(default_factory=list)
+    show: bool = True
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+    meter: EnergyMeter | None = None
+    tb: _Tensorboard | None = None
 
 
-def setup_runtime(device_name: str) -> Runtime:
-    """Single process, or one process of a ``torchrun`` job (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Runtime(pick_device(device_name))
-    import torch.distributed as dist
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world, local)
+def train_one_epoch(run: Run, state: TrainState, hardness: Hardness, epoch: int
+                    ) -> tuple[float, float]:
+    """One pass over the epoch's planned batches; returns (last learning rate, mean scale)."""
+    tc = run.cfg.train
+    run.sampler.plan = state.plan
+    run.sampler.set_epoch(epoch)
+    policy = state.plan.epoch_policy(epoch, tc.epochs)
+    weights = torch.as_tensor(policy.weight, dtype=torch.float32)
+    mean_scale = policy_mean_scale(policy)
+    images_this_epoch = sum(len(b) for b in run.sampler.epoch_batches(epoch))
+    full_factor = run.n_images / max(images_this_epoch, 1)  # priced as "every image kept"
+    steps = len(run.sampler)
+    run.ddp_model.train()
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not run.show,
+               leave=False, file=sys.stderr)
+    it, lr = iter(run.loader), tc.lr
+    for i in range(steps):
+        with run.timer.phase("data"):
+            batch = next(it)
+        state.skipped.update(batch.get("skipped", []))
+        lr = poly_lr(run.cfg, (epoch + i / steps) / tc.epochs)
+        for g in run.optimizer.param_groups:
+            g["lr"] = lr
+        bar.update(1)
+        if batch["image"].shape[0] == 0:  # every sample of the batch was skipped
+            continue
+        with run.timer.phase("step"):
+            loss, per_image = optimizer_step(run, batch, weights, mean_scale, epoch, i)
+        x_shape = tuple(batch["image"].shape)
+        state.ledger.add_step(run.model, x_shape, tuple(tc.crop), full_factor)
+        state.global_step += 1
+        hardness.observe(batch["index"].numpy(), per_image.double().cpu().numpy())
+        loss_value, scale = loss.item(), x_shape[3] / tc.crop[1]
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", scale=f"{scale:.3f}")
+        if run.tb is not None:
+            run.tb.scalars(state.global_step, **{"train/loss": loss_value, "train/lr": lr,
+                                                 "train/scale": scale})
+        progress_now = (epoch + (i + 1) / steps) / tc.epochs
+        if run.slimmer is not None and run.slimmer.due(progress_now):
+            with run.timer.phase("prune"):
+                prune_now(run, state, progress_now)
+    bar.close()
+    return lr, mean_scale
 
 
-def _all_reduce_(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+def optimizer_step(run: Run, batch: dict, weights: torch.Tensor, mean_scale: float, epoch: int,
+                   step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, weighted loss (+ the slimmer's sparsity term), backward, update."""
+    rt = run.rt
+    x = batch["image"].to(rt.device, non_blocking=True)
+    y = batch["mask"].to(rt.device, non_blocking=True)
+    with autocast(rt.device, run.cfg.train.amp):
+        logits = run.ddp_model(x)
+    loss, per_image = weighted_cross_entropy(logits.float(), y, weights[batch["index"]].to(rt.device))
+    total = loss
+    if run.slimmer is not None:
+        total = total + run.slimmer.sparsity_loss(run.model, mean_scale)
+    if not torch.isfinite(total):
+        raise DanceError(
+            f"loss became {total.item()} at epoch {epoch + 1} step {step + 1}; training "
+            f"stopped (lower train.lr?); the last good checkpoint in {run.ckpt_dir} is intact")
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    run.optimizer.step()
+    return loss, per_image
+
+
+def prune_now(run: Run, state: TrainState, progress: float) -> None:
+    """A scheduled pruning point: remove branches, then rebuild the optimizer and DDP wrap."""
+    event = run.slimmer.prune(run.model, run.probe, _probe_loss, progress)
+    agreed = broadcast_from_main(event.to_json(), run.rt)  # every rank removes the same branches
+    if sorted(agreed["removed"]) != sorted(event.removed):
+        raise RuntimeError("ranks disagreed on the branches to remove")
+    run.optimizer = rebuild_optimizer(run.optimizer, run.model)
+    run.ddp_model = wrap_ddp(run.model, run.rt)
+    state.prune_events.append(event.to_json())
+    if run.show and event.removed:
+        tqdm.write(f"[prune @ {progress:.0%}] {event.message}", file=sys.stderr)
+
+
+def _probe_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    return weighted_cross_entropy(logits.float(), masks)[0]
+
+
+def end_epoch_hardness(hardness: Hardness, rt: Runtime) -> float | None:
+    """Sum the epoch's per-image losses over ranks and fold them into the hardness EMA."""
     if rt.distributed:
-        import torch.distributed as dist
-        dist.all_reduce(t)
-    return t
+        sums = torch.from_numpy(np.stack([hardness.loss_sum, hardness.loss_count])).to(rt.device)
+        sums = all_reduce_(sums, rt).cpu().numpy()
+        hardness.loss_sum[:], hardness.loss_count[:] = sums[0], sums[1]
+    return hardness.end_epoch()
+
+
+def adapts(cfg: RunConfig) -> bool:
+    """Whether this run re-plans each epoch from per-image hardness."""
+    ds = cfg.data_slimming
+    return ds.enabled and ds.adaptive and ds.policy == "dance"
+
+
+def policy_mean_scale(policy) -> float:
+    """The kept images' mean scale, on the 1/8 grid (the slimmer's FLOPs shares stay cached)."""
+    kept = policy.keep_prob > 0
+    if not kept.any():
+        return 1.0
+    mean = float((policy.scale * policy.keep_prob).sum() / policy.keep_prob.sum())
+    return round(mean * 8) / 8
 
 
 def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: Path | None,
                     progress: bool) -> DataSlimmingPlan:
-    """The data side's decision for this run (SPEC §1.2, §4 compare run kinds)."""
+    """The data side's decision for this run (docs/method.md#data-policy, #run-kinds)."""
     ids = [s.id for s in train_ds.samples]
     ds = cfg.data_slimming
     if not ds.enabled:
@@ -106,8 +246,33 @@ def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: 
     return p
 
 
+def shared_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, out_dir: Path,
+                     score_cache: str | Path | None, progress: bool, rt: Runtime
+                     ) -> DataSlimmingPlan:
+    """Rank 0 scores and plans once; every other rank gets the same plan."""
+    cache = Path(score_cache) if score_cache else out_dir / "scores.cache.json"
+    data_plan = build_data_plan(cfg, train_ds, cache, progress and rt.is_main) if rt.is_main \
+        else None
+    if rt.distributed:
+        data_plan = DataSlimmingPlan.from_json(
+            broadcast_from_main(data_plan.to_json() if rt.is_main else None, rt))
+    return data_plan
+
+
+def make_slimmer(cfg: RunConfig, model: nn.Module) -> NetworkSlimmer | None:
+    ns = cfg.network_slimming
+    if not ns.enabled:
+        return None
+    h, w = cfg.train.crop
+    return NetworkSlimmer(model, lam=ns.lambda_, prune_at=ns.prune_at,
+                          gate_threshold=ns.gate_threshold, network_budget=ns.network_budget,
+                          importance=ns.importance, input_shape=(1, 3, h, w),
+                          loss_tolerance=ns.loss_tolerance,
+                          max_removals_per_point=ns.max_removals_per_point)
+
+
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    # No weight decay on gates: the sparsity term is their only regulariser (SPEC §1.3).
+    # No weight decay on gates: the sparsity term is their only regulariser.
     gates = [p for n, p in model.named_parameters() if ".gates." in f".{n}"]
     gate_ids = {id(p) for p in gates}
     rest = [p for p in model.named_parameters() if id(p[1]) not in gate_ids]
@@ -117,12 +282,68 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
 
 
-def _poly_lr(cfg: RunConfig, progress: float) -> float:
+def poly_lr(cfg: RunConfig, progress: float) -> float:
     return cfg.train.lr * max(0.0, 1.0 - progress) ** cfg.train.poly_power
 
 
-def _probe_batches(data: PlannedDataset, n_images: int, batch_size: int, seed: int):
-    """Held-out training batches at full scale for measuring branch importance (SPEC §1.3)."""
+def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: NetworkSlimmer | None,
+               state: TrainState, rt: Runtime) -> tuple[dict, dict] | None:
+    """Restore weights, architecture, slimmer, RNG and ``state`` from the run's checkpoint;
+    returns ``(tensors, saved state.json)`` for the optimizer, or None when there is none."""
+    if not (ckpt_dir.exists() or ckpt_dir.with_name("checkpoint.old").exists()):
+        if rt.is_main:
+            print(f"dance train: no checkpoint in {ckpt_dir}, starting from scratch",
+                  file=sys.stderr)
+        return None
+    tensors, saved, folder = ckpt.read_checkpoint(ckpt_dir)
+    arch = saved["arch"]
+    if arch["name"] != cfg.model.name:
+        raise DanceError(f"{folder}: checkpoint is of model {arch['name']!r}, "
+                         f"the config asks for {cfg.model.name!r}")
+    if arch.get("removed"):
+        from dance.network.gates import remove_branches
+        remove_branches(model, arch["removed"])
+    ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
+    restored = TrainState.from_json(saved["train_state"], str(folder / ckpt.STATE_FILE))
+    state.__dict__.update(restored.__dict__)
+    if slimmer is not None and saved.get("slimmer"):
+        slimmer.load_state_dict(saved["slimmer"])
+    torch.set_rng_state(tensors["rng/torch"])
+    return tensors, saved
+
+
+def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSlimmer | None,
+              train_ds: SegmentationDataset, state: TrainState, saved: tuple | None,
+              out_dir: Path, progress: bool) -> Run:
+    """Model on its device, optimizer (restored on resume), loader over the plan, probe batches."""
+    tc = cfg.train
+    model.to(rt.device)
+    optimizer = make_optimizer(model, cfg)
+    if saved is not None:
+        tensors, saved_state = saved
+        ckpt.load_optimizer_state(optimizer, model, tensors, saved_state["optimizer"])
+    data = PlannedDataset(train_ds, TrainTransform(tuple(tc.crop), tuple(tc.scale_range)),
+                          seed=tc.seed, on_bad_sample=tc.on_bad_sample)
+    sampler = BucketedBatchSampler(state.plan, tc.batch_size,
+                                   tc.epochs, seed=tc.seed, rank=rt.rank,
+                                   world_size=rt.world_size)
+    loader = DataLoader(data, batch_sampler=sampler, num_workers=tc.workers,
+                        collate_fn=collate_planned, pin_memory=rt.device.type == "cuda",
+                        # the batch sampler runs in this process, so workers can live across
+                        # epochs (and re-plans): no worker start-up cost each epoch
+                        persistent_workers=tc.workers > 0)
+    ns = cfg.network_slimming
+    probe = (probe_batches(data, ns.probe_batches * tc.batch_size, tc.batch_size, tc.seed)
+             if slimmer is not None else [])
+    return Run(cfg=cfg, rt=rt, model=model, optimizer=optimizer, ddp_model=wrap_ddp(model, rt),
+               sampler=sampler, loader=loader, n_images=len(train_ds),
+               ckpt_dir=out_dir / "checkpoint", slimmer=slimmer, probe=probe,
+               show=progress and rt.is_main, meter=EnergyMeter(rt.device),
+               tb=_Tensorboard(out_dir / "tensorboard") if rt.is_main else None)
+
+
+def probe_batches(data: PlannedDataset, n_images: int, batch_size: int, seed: int):
+    """Held-out training batches at full scale for measuring branch importance."""
     g = np.random.default_rng(seed + 7919)
     idx = g.choice(len(data.dataset), size=min(n_images, len(data.dataset)), replace=False)
     items = [data[(int(i), 1.0, -1)] for i in idx]
@@ -134,8 +355,7 @@ def _probe_batches(data: PlannedDataset, n_images: int, batch_size: int, seed: i
     return batches
 
 
-def _gate_values(model: nn.Module) -> dict[str, float]:
-    from dance.network.gates import MultiScaleModule
+def gate_values(model: nn.Module) -> dict[str, float]:
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, MultiScaleModule):
@@ -144,295 +364,68 @@ def _gate_values(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def _wrap(model: nn.Module, rt: Runtime) -> nn.Module:
-    if not rt.distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+def log_epoch(run: Run, record: dict) -> None:
+    if run.tb is None:
+        return
+    run.tb.scalars(record["epoch"], **{
+        "epoch/realised_cost": record["realised_cost"],
+        **({"epoch/loss": record["loss"]} if record["loss"] else {}),
+        **({"val/miou": record["val_miou"]} if record["val_miou"] is not None else {}),
+        **{f"gates/{k}": v for k, v in record["gates"].items()}})
 
 
-class _Tensorboard:
-    """TensorBoard scalars, written by rank 0 only (the other ranks pass no folder)."""
-
-    def __init__(self, folder: Path | None):
-        self.w = None
-        if folder is not None:
-            from torch.utils.tensorboard import SummaryWriter
-            self.w = SummaryWriter(str(folder))
-
-    def scalars(self, step: int, **values: float) -> None:
-        if self.w is not None:
-            for k, v in values.items():
-                self.w.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.w is not None:
-            self.w.close()
+def save_run_checkpoint(run: Run, state: TrainState) -> None:
+    ckpt.save_checkpoint(run.ckpt_dir, run.model, {
+        "config": run.cfg.to_dict(), "train_state": state.to_json(),
+        "slimmer": run.slimmer.state_dict() if run.slimmer is not None else None,
+    }, run.optimizer)
 
 
-def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          score_cache: str | Path | None = None) -> dict:
-    """Train one run into ``out_dir``; returns (and writes) its metrics.json content."""
-    out_dir = Path(out_dir)
-    rt = setup_runtime(cfg.train.device)
-    tc = cfg.train
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed)
-    show = progress and rt.is_main
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out_dir / "checkpoint"
-
-    train_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
-    val_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
-    model = build_model(cfg.model.name, train_ds.num_classes, cfg.model.pretrained_backbone,
-                        **cfg.model.options)
-    arch_name = cfg.model.name
-    cache = Path(score_cache) if score_cache else out_dir / "scores.cache.json"
-    if rt.is_main:
-        data_plan = build_data_plan(cfg, train_ds, cache, show)
-    if rt.distributed:  # rank 0 scores once; the others get the same plan
-        import torch.distributed as dist
-        box = [data_plan.to_json() if rt.is_main else None]
-        dist.broadcast_object_list(box, src=0)
-        data_plan = DataSlimmingPlan.from_json(box[0])
-    plan0 = data_plan
-    ns = cfg.network_slimming
-    h, w = tc.crop
-    slimmer = (NetworkSlimmer(model, lam=ns.lambda_, prune_at=ns.prune_at,
-                              gate_threshold=ns.gate_threshold, network_budget=ns.network_budget,
-                              importance=ns.importance, input_shape=(1, 3, h, w),
-                              loss_tolerance=ns.loss_tolerance,
-                              max_removals_per_point=ns.max_removals_per_point)
-               if ns.enabled else None)
-
-    n_images = len(train_ds)
-    state = {"epoch": 0, "global_step": 0, "train_gflops": 0.0, "full_gflops": 0.0,
-             "wall_seconds": 0.0, "accounting_seconds": 0.0, "images_seen": 0,
-             "hardness": [float("nan")] * n_images, "skipped": [], "history": [],
-             "prune_events": [], "plan": data_plan.to_json(), "phases": {}}
-    resumed = False
-    if resume and (ckpt_dir.exists() or ckpt_dir.with_name("checkpoint.old").exists()):
-        tensors, saved, folder = ckpt.read_checkpoint(ckpt_dir)
-        if saved["arch"]["name"] != arch_name:
-            raise DanceError(f"{folder}: checkpoint is of model {saved['arch']['name']!r}, "
-                             f"the config asks for {arch_name!r}")
-        if saved["arch"].get("removed"):
-            from dance.network.gates import remove_branches
-            remove_branches(model, saved["arch"]["removed"])
-        ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
-        state.update(saved["train_state"])
-        data_plan = DataSlimmingPlan.from_json(state["plan"])
-        if slimmer is not None and saved.get("slimmer"):
-            slimmer.load_state_dict(saved["slimmer"])
-        torch.set_rng_state(tensors["rng/torch"])
-        resumed = True
-    elif resume and rt.is_main:
-        print(f"dance train: no checkpoint in {ckpt_dir}, starting from scratch", file=sys.stderr)
-
-    model.to(rt.device)
-    optimizer = make_optimizer(model, cfg)
-    if resumed:
-        ckpt.load_optimizer_state(optimizer, model, tensors, saved["optimizer"])
-    ddp_model = _wrap(model, rt)
-
-    data = PlannedDataset(train_ds, TrainTransform(tuple(tc.crop), tuple(tc.scale_range)),
-                          seed=tc.seed, on_bad_sample=tc.on_bad_sample)
-    sampler = BucketedBatchSampler(data_plan, tc.batch_size, tc.epochs, seed=tc.seed,
-                                   rank=rt.rank, world_size=rt.world_size)
-    loader = DataLoader(data, batch_sampler=sampler, num_workers=tc.workers,
-                        collate_fn=collate_planned, pin_memory=rt.device.type == "cuda",
-                        # the batch sampler runs in this process, so workers can live across
-                        # epochs (and re-plans): no worker start-up cost each epoch
-                        persistent_workers=tc.workers > 0)
-    probe = (_probe_batches(data, ns.probe_batches * tc.batch_size, tc.batch_size, tc.seed)
-             if slimmer is not None else [])
-    use_amp = tc.amp and rt.device.type == "cuda"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
-    tb = _Tensorboard(out_dir / "tensorboard" if rt.is_main else None)
-    timer = PhaseTimer()
-    meter = EnergyMeter(rt.device)
-    hardness = np.array(state["hardness"], dtype=np.float64)
-    skipped = set(state["skipped"])
-    ds_cfg = cfg.data_slimming
-
-    def loss_fn(logits, masks):
-        return weighted_cross_entropy(logits.float(), masks)[0]
-
-    meter.start()
-    t_start = time.perf_counter() - state["wall_seconds"]
-    for epoch in range(state["epoch"], tc.epochs):
-        sampler.plan = data_plan
-        sampler.set_epoch(epoch)
-        policy = data_plan.epoch_policy(epoch, tc.epochs)
-        weights = torch.as_tensor(policy.weight, dtype=torch.float32)
-        kept = policy.keep_prob > 0
-        mean_scale = float((policy.scale * policy.keep_prob).sum() / policy.keep_prob.sum()) \
-            if kept.any() else 1.0
-        mean_scale = round(mean_scale * 8) / 8  # on the scale grid: FLOPs shares stay cached
-        epoch_batches = sampler.epoch_batches(epoch)
-        images_this_epoch = sum(len(b) for b in epoch_batches)
-        full_factor = n_images / max(images_this_epoch, 1)  # "every image kept" (SPEC §4)
-        steps = len(sampler)
-        loss_sum = torch.zeros(n_images, dtype=torch.float64)
-        loss_cnt = torch.zeros(n_images, dtype=torch.float64)
-        ddp_model.train()
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not show,
-                   leave=False, file=sys.stderr)
-        it = iter(loader)
-        for i in range(steps):
-            with timer.phase("data"):
-                batch = next(it)
-            skipped.update(batch.get("skipped", []))
-            progress_now = (epoch + (i + 1) / steps) / tc.epochs
-            lr = _poly_lr(cfg, (epoch + i / steps) / tc.epochs)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            if batch["image"].shape[0] == 0:  # every sample of the batch was skipped
-                bar.update(1)
-                continue
-            with timer.phase("step"):
-                x = batch["image"].to(rt.device, non_blocking=True)
-                y = batch["mask"].to(rt.device, non_blocking=True)
-                idx = torch.as_tensor(batch["index"])
-                with autocast():
-                    logits = ddp_model(x)
-                loss, per_image = weighted_cross_entropy(logits.float(), y,
-                                                         weights[idx].to(rt.device))
-                total = loss
-                if slimmer is not None:
-                    total = total + slimmer.sparsity_loss(model, mean_scale)
-                if not torch.isfinite(total):
-                    raise DanceError(
-                        f"loss became {total.item()} at epoch {epoch + 1} step {i + 1}; training "
-                        f"stopped (lower train.lr?); the last good checkpoint in {ckpt_dir} is intact")
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-            # cost accounting (SPEC §2) is measurement, not training: its time (a FLOPs count per
-            # new architecture and shape) is kept out of train_seconds and reported apart
-            t_acc = time.perf_counter()
-            n, _, bh, bw = x.shape
-            state["train_gflops"] += count_gflops(model, (1, 3, bh, bw), backward=True) * n
-            state["full_gflops"] += (count_gflops(model, (1, 3, h, w), backward=True) * n
-                                     * full_factor)
-            state["accounting_seconds"] += time.perf_counter() - t_acc
-            state["images_seen"] += n
-            state["global_step"] += 1
-            loss_sum.index_add_(0, idx, per_image.double().cpu())
-            loss_cnt.index_add_(0, idx, torch.ones(len(idx), dtype=torch.float64))
-            loss_value = loss.item()
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", scale=f"{bw / w:.3f}")
-            bar.update(1)
-            if rt.is_main:
-                tb.scalars(state["global_step"], **{"train/loss": loss_value, "train/lr": lr,
-                                                    "train/scale": bw / w})
-            if slimmer is not None and slimmer.due(progress_now):
-                with timer.phase("prune"):
-                    event = slimmer.prune(model, probe, loss_fn, progress_now)
-                    if rt.distributed:  # every rank must remove the same branches
-                        import torch.distributed as dist
-                        box = [event.to_json()]
-                        dist.broadcast_object_list(box, src=0)
-                        if sorted(box[0]["removed"]) != sorted(event.removed):
-                            raise RuntimeError("ranks disagreed on the branches to remove")
-                    optimizer = rebuild_optimizer(optimizer, model)
-                    ddp_model = _wrap(model, rt)
-                state["prune_events"].append(event.to_json())
-                if show and event.removed:
-                    tqdm.write(f"[prune @ {progress_now:.0%}] {event.message}", file=sys.stderr)
-        bar.close()
-
-        # epoch end: hardness EMA (SPEC §1.2 adaptive), re-plan, log, checkpoint
-        _all_reduce_(loss_sum, rt)
-        _all_reduce_(loss_cnt, rt)
-        seen = (loss_cnt > 0).numpy()
-        mean_loss = (loss_sum / loss_cnt.clamp(min=1)).numpy()
-        m = ds_cfg.hardness_momentum
-        fresh = seen & np.isnan(hardness)
-        hardness[fresh] = mean_loss[fresh]
-        upd = seen & ~fresh
-        hardness[upd] = m * hardness[upd] + (1 - m) * mean_loss[upd]
-        if (ds_cfg.enabled and ds_cfg.adaptive and ds_cfg.policy == "dance"
-                and np.isfinite(hardness).any()):
-            filled = np.where(np.isfinite(hardness), hardness, np.nanmedian(hardness))
-            data_plan = plan0.replan(filled, alpha=ds_cfg.hardness_alpha)
-        state["epoch"] = epoch + 1
-        state["wall_seconds"] = time.perf_counter() - t_start
-        state["hardness"] = [float(v) for v in hardness]
-        state["skipped"] = sorted(skipped)
-        state["plan"] = data_plan.to_json()
-        gates = _gate_values(model)
-        val = None
-        if tc.eval_every and (epoch + 1) % tc.eval_every == 0 and epoch + 1 < tc.epochs:
-            with timer.phase("eval"):
-                val = _evaluate(model, val_ds, cfg, rt, show)["miou"]
-        record = {"epoch": epoch + 1, "step": state["global_step"],
-                  "loss": float(np.nanmean(np.where(seen, mean_loss, np.nan))) if seen.any()
-                  else None,
-                  "lr": lr, "mean_scale": mean_scale, "gates": gates,
-                  "realised_cost": state["train_gflops"] / max(state["full_gflops"], 1e-12),
-                  "val_miou": val}
-        state["history"].append(record)
-        if rt.is_main:
-            tb.scalars(epoch + 1, **{"epoch/realised_cost": record["realised_cost"],
-                                     **({"epoch/loss": record["loss"]} if record["loss"] else {}),
-                                     **({"val/miou": val} if val is not None else {}),
-                                     **{f"gates/{k}": v for k, v in gates.items()}})
-            with timer.phase("checkpoint"):
-                state["phases"] = timer.to_json()
-                ckpt.save_checkpoint(ckpt_dir, model, {
-                    "config": cfg.to_dict(), "train_state": state,
-                    "slimmer": slimmer.state_dict() if slimmer is not None else None,
-                }, optimizer)
-    meter.stop()
-    wall_seconds = time.perf_counter() - t_start
-    train_seconds = wall_seconds - state["accounting_seconds"]
-
-    totals = torch.tensor([state["train_gflops"], state["full_gflops"], state["images_seen"]],
+def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metrics: dict,
+                  wall_seconds: float, resumed: bool) -> dict:
+    """metrics.json: validation, cost summed over ranks, energy, and what the run did."""
+    rt, model, ledger = run.rt, run.model, state.ledger
+    totals = torch.tensor([ledger.train_gflops, ledger.full_gflops, ledger.images_seen],
                           dtype=torch.float64)
-    _all_reduce_(totals, rt)
+    if rt.distributed:
+        totals = all_reduce_(totals.to(rt.device), rt).cpu()
     train_gflops, full_gflops, images_seen = (float(v) for v in totals)
-    with timer.phase("eval"):
-        val_metrics = _evaluate(model, val_ds, cfg, rt, show)
-    tb.scalars(tc.epochs, **{"val/miou": val_metrics["miou"]})
-    tb.close()
-    if meter.kind == "estimated":
-        meter.add_estimate(train_gflops)
-    metrics = {
+    if run.tb is not None:
+        run.tb.scalars(run.cfg.train.epochs, **{"val/miou": val_metrics["miou"]})
+        run.tb.close()
+    if run.meter.kind == "estimated":
+        run.meter.add_estimate(train_gflops)
+    train_seconds = wall_seconds - ledger.accounting_seconds
+    h, w = run.cfg.train.crop
+    return {
         **val_metrics,
         "train_gflops_total": train_gflops,
         "train_seconds": train_seconds,
         "images_per_second": images_seen / max(train_seconds, 1e-9),
-        "accounting_seconds": state["accounting_seconds"],
+        "accounting_seconds": ledger.accounting_seconds,
         "wall_seconds": wall_seconds,
-        "energy_joules": meter.joules,
-        "energy_kind": meter.kind,
+        "energy_joules": run.meter.joules,
+        "energy_kind": run.meter.kind,
         "planned_cost": plan0.predicted_cost,
         "realised_cost": train_gflops / max(full_gflops, 1e-12),
-        "removed_branches": list(model.dance_arch["removed"]),
-        "skipped_samples": len(skipped),
-        "skipped_files": sorted(skipped),
-        "model": arch_name,
+        "removed_branches": list(model.dance_arch.removed),
+        "skipped_samples": len(state.skipped),
+        "skipped_files": sorted(state.skipped),
+        "model": run.cfg.model.name,
         "device": str(rt.device),
         "world_size": rt.world_size,
-        "phase_seconds": timer.to_json(),
+        "phase_seconds": run.timer.to_json(),
         "resumed": resumed,
         "branches": [{"name": b.name, "gate": b.gate, "gflops_share": b.gflops_share}
                      for b in branches(model, (1, 3, h, w))],
-        "prune_events": state["prune_events"],
-        "history": state["history"],
+        "prune_events": state.prune_events,
+        "history": state.history,
         "plan_summary": {k: v for k, v in plan0.to_json().items() if k != "per_image"},
     }
-    if rt.is_main:
-        atomic_write_json(out_dir / "metrics.json", metrics)
-        atomic_write_json(out_dir / "plan.json", plan0.to_json())
-    return metrics
 
 
-def _evaluate(model: nn.Module, val_ds: SegmentationDataset, cfg: RunConfig, rt: Runtime,
-              show: bool) -> dict:
+def evaluate_run(model: nn.Module, val_ds: SegmentationDataset, cfg: RunConfig, rt: Runtime,
+                 show: bool) -> dict:
     """Validation mIoU and inference cost of the model as it stands (the slimmed one)."""
     tc = cfg.train
     model.eval()
@@ -442,6 +435,21 @@ def _evaluate(model: nn.Module, val_ds: SegmentationDataset, cfg: RunConfig, rt:
                             rank=rt.rank, world_size=rt.world_size)
     model.train()
     return fields
+
+
+class _Tensorboard:
+    """TensorBoard scalars, written by rank 0 only."""
+
+    def __init__(self, folder: Path):
+        from torch.utils.tensorboard import SummaryWriter
+        self.w = SummaryWriter(str(folder))
+
+    def scalars(self, step: int, **values: float) -> None:
+        for k, v in values.items():
+            self.w.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.w.close()
 
 
 def cli_train(args) -> int:
@@ -463,4 +471,3 @@ def cli_train(args) -> int:
               f"{metrics['planned_cost']:.3f})  {metrics['train_seconds']:.1f} s  "
               f"removed {metrics['removed_branches'] or 'none'}  -> {out / 'metrics.json'}")
     return 0
-

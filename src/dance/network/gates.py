@@ -183,7 +183,7 @@ def branches(model: nn.Module, input_shape: Sequence[int] = (1, 3, 512, 1024)
 
 def remove_branches(model: nn.Module, names: Iterable[str]) -> nn.Module:
     """Remove the named branches (``"aspp.rate18"`` ...) structurally, in place; record them in
-    ``model.dance_arch["removed"]`` in order, so a checkpoint can rebuild the slimmed model.
+    ``model.dance_arch.removed`` in order, so a checkpoint can rebuild the slimmed model.
     Unknown names and removing a module's last branch are DanceErrors, raised before anything
     is removed. FLOPs caches are keyed by architecture, so counts follow automatically."""
     names = list(dict.fromkeys(names))
@@ -203,6 +203,6 @@ def remove_branches(model: nn.Module, names: Iterable[str]) -> nn.Module:
     for path, removed in by_module.items():
         modules[path].remove_branches(removed)
     arch = getattr(model, "dance_arch", None)
-    if isinstance(arch, dict):
-        arch.setdefault("removed", []).extend(names)
+    if arch is not None:  # a model of dance's registry (an Architecture) records its removals
+        arch.removed.extend(names)
     return model

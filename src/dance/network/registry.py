@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -19,6 +21,55 @@ _MODEL_MODULES = (
     "dance.network.models.bisenet",
     "dance.network.models.torchvision_adapters",
 )
+
+
+@dataclass
+class Architecture:
+    """How a model was built and slimmed: enough to rebuild it, untrained, anywhere.
+
+    ``build_model`` attaches one to every model as ``model.dance_arch``; ``remove_branches``
+    appends to ``removed``; a checkpoint stores ``to_json()`` as its ``"arch"`` (see
+    docs/checkpoints.md). This class is the only place that knows its fields.
+    """
+
+    name: str
+    num_classes: int
+    kwargs: dict[str, Any] = field(default_factory=dict)  # builder options, e.g. aspp_channels
+    removed: list[str] = field(default_factory=list)  # removed branches, in removal order
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "num_classes": self.num_classes, "kwargs": dict(self.kwargs),
+                "removed": list(self.removed)}
+
+    @classmethod
+    def from_json(cls, d: Any, source: str = "architecture") -> Architecture:
+        """From a checkpoint's ``"arch"``; a malformed one is a DanceError naming ``source``."""
+        ok = (isinstance(d, Mapping) and isinstance(d.get("name"), str)
+              and isinstance(d.get("num_classes"), int) and isinstance(d.get("kwargs", {}), Mapping)
+              and isinstance(d.get("removed", []), list)
+              and all(isinstance(r, str) for r in d.get("removed", [])))
+        if not ok:
+            raise DanceError(f"{source}: malformed architecture (expected name, num_classes, "
+                             f"kwargs, removed), got {d!r:.200}")
+        return cls(d["name"], d["num_classes"], dict(d.get("kwargs", {})), list(d.get("removed", [])))
+
+    def build(self) -> nn.Module:
+        """This architecture, untrained (the removed branches removed again)."""
+        from dance.network.gates import remove_branches
+        model = build_model(self.name, self.num_classes, None, **self.kwargs)
+        if self.removed:
+            remove_branches(model, self.removed)
+        return model
+
+
+def architecture(model: nn.Module) -> Architecture:
+    """The ``Architecture`` of a model made by ``build_model`` (wrappers such as DDP allowed)."""
+    from dance.engine.runtime import unwrap_model
+    arch = getattr(unwrap_model(model), "dance_arch", None)
+    if not isinstance(arch, Architecture):
+        raise DanceError(f"{type(model).__name__}: not a model built by dance.build_model "
+                         "(it has no architecture record)")
+    return arch
 
 
 def register_model(name: str):
@@ -45,7 +96,8 @@ def build_model(name: str, num_classes: int, pretrained_backbone: str | None = N
     """Build a registered model. It takes RGB floats in [0, 1], shaped (N, 3, H, W), normalises
     inside, and returns logits (N, num_classes, H, W).
 
-    The model remembers how it was built (``model.dance_arch``) so a checkpoint can rebuild it.
+    The model remembers how it was built (``model.dance_arch``, an ``Architecture``) so a
+    checkpoint can rebuild it.
     """
     _load_all()
     if name not in _REGISTRY:
@@ -61,6 +113,5 @@ def build_model(name: str, num_classes: int, pretrained_backbone: str | None = N
             raise DanceError(f"model {name!r} has no option {unknown[0]!r}; "
                              f"its options are {', '.join(options) or 'none'}")
     model = builder(num_classes=num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
-    model.dance_arch = {"name": name, "num_classes": num_classes, "kwargs": dict(kwargs),
-                        "removed": []}
+    model.dance_arch = Architecture(name, num_classes, dict(kwargs))
     return model

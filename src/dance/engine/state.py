@@ -1,0 +1,58 @@
+"""What a checkpoint holds of a run in progress: the ``train_state`` of ``state.json``.
+
+Everything the loop changes as it goes and a resume must restore: where it stands (epoch,
+step), the data plan as last re-planned, per-image hardness, the cost ledger, the samples it
+skipped, the per-epoch history and pruning events. The JSON is flat, so ``state.json`` stays
+readable (field list: docs/checkpoints.md).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dance.data.plan import DataSlimmingPlan
+from dance.engine.cost import CostLedger
+from dance.errors import DanceError
+
+_LEDGER_FIELDS = ("train_gflops", "full_gflops", "images_seen", "accounting_seconds")
+
+
+@dataclass
+class TrainState:
+    plan: DataSlimmingPlan  # as last re-planned
+    hardness: list[float]  # per-image loss EMA (NaN: not seen yet), dataset order
+    epoch: int = 0  # epochs finished
+    global_step: int = 0
+    ledger: CostLedger = field(default_factory=CostLedger)
+    wall_seconds: float = 0.0
+    skipped: set[str] = field(default_factory=set)  # ids of bad samples skipped
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+    prune_events: list[dict] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, so far
+
+    def to_json(self) -> dict:
+        return {
+            "epoch": self.epoch, "global_step": self.global_step,
+            **{k: getattr(self.ledger, k) for k in _LEDGER_FIELDS},
+            "wall_seconds": self.wall_seconds, "hardness": list(self.hardness),
+            "skipped": sorted(self.skipped), "history": list(self.history),
+            "prune_events": list(self.prune_events), "plan": self.plan.to_json(), "phases": dict(self.phases),
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, source: str = "train_state") -> TrainState:
+        """From ``state.json``'s ``train_state``; a missing key is a DanceError naming it."""
+        if not isinstance(d, Mapping):
+            raise DanceError(f"{source}: train_state is not a mapping")
+        needed = ("epoch", "global_step", *_LEDGER_FIELDS, "wall_seconds", "hardness", "skipped",
+                  "history", "prune_events", "plan")
+        missing = [k for k in needed if k not in d]
+        if missing:
+            raise DanceError(f"{source}: train_state lacks {', '.join(missing)}")
+        return cls(plan=DataSlimmingPlan.from_json(d["plan"]), hardness=list(d["hardness"]),
+                   epoch=int(d["epoch"]), global_step=int(d["global_step"]),
+                   ledger=CostLedger(**{k: d[k] for k in _LEDGER_FIELDS}),
+                   wall_seconds=float(d["wall_seconds"]), skipped=set(d["skipped"]),
+                   history=list(d["history"]), prune_events=list(d["prune_events"]),
+                   phases=dict(d.get("phases", {})))
