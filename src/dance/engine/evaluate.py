@@ -29,6 +29,7 @@ from dance.data.complexity import IMAGE_INDICATORS, check_indicators, spatial_co
 from dance.data.labels import IGNORE_INDEX
 from dance.data.transforms import EvalTransform
 from dance.engine.metrics import ConfusionMatrix
+from dance.engine.runtime import autocast, unwrap_model
 from dance.errors import DanceError
 from dance.network.flops import count_gflops
 
@@ -38,10 +39,10 @@ _WINDOW_BATCH = 4
 
 @contextlib.contextmanager
 def _inference(model: nn.Module) -> Iterator[nn.Module]:
-    """The bare model (DDP unwrapped) in eval mode under no_grad; its train/eval mode is restored
-    afterwards, so a trainer can evaluate mid-run."""
+    """The bare model (out of DDP/DataParallel/``torch.compile`` wrappers) in eval mode under
+    no_grad; its train/eval mode is restored afterwards, so a trainer can evaluate mid-run."""
     # Ranks see different image counts, so a DDP forward (which may sync buffers) could hang.
-    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    net = unwrap_model(model)
     was_training = net.training
     net.eval()
     try:
@@ -49,13 +50,6 @@ def _inference(model: nn.Module) -> Iterator[nn.Module]:
             yield net
     finally:
         net.train(was_training)
-
-
-def _autocast(device: torch.device, amp: bool):
-    # bf16 as in training (no overflow); fp16 only on GPUs without bf16 (pre-Ampere).
-    fp16 = device.type == "cuda" and amp and not torch.cuda.is_bf16_supported()
-    dtype = torch.float16 if fp16 else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=amp)
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:
@@ -154,7 +148,7 @@ def evaluate(model: nn.Module, dataset, device: str | torch.device = "cpu", mode
                 size = (max(1, round(h * scale)), max(1, round(w * scale)))
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
                                   antialias=True)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 logits, windows, (th, tw) = _predict(net, x, mode, crop, stride)
             if resolution is not None:  # a plain evaluation does not pay for counting
                 gflops.append(windows * count_gflops(net, (1, 3, th, tw)))

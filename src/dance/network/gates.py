@@ -61,7 +61,8 @@ class MultiScaleModule(nn.Module, abc.ABC):
         """Delete the branch modules and slice the consumer; gates are deleted by the caller."""
 
 
-def _new_gates(names: Iterable[str]) -> nn.ParameterDict:
+def new_gates(names: Iterable[str]) -> nn.ParameterDict:
+    """One scalar gate per branch name, each initialised to 1, in the order given."""
     # A list of pairs, not a dict: ParameterDict sorts a plain dict's keys, and gates must stay
     # in branch order.
     return nn.ParameterDict([(n, nn.Parameter(torch.ones(()))) for n in names])
@@ -96,7 +97,7 @@ class GatedBranches(MultiScaleModule):
                  project: nn.Module | None = None):
         super().__init__()
         self.branches = nn.ModuleDict(branches)
-        self.gates = _new_gates(branches)
+        self.gates = new_gates(branches)
         self.project = project
         if project is not None:
             if branch_channels is None:

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from dance.engine.runtime import unwrap_model
 from dance.errors import DanceError
 from dance.network.flops import count_gflops
 from dance.network.gates import branches, multiscale_modules, remove_branches
@@ -73,17 +74,6 @@ class PruneEvent:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module that owns the branches, under DataParallel/DDP or ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _live_branches(model: nn.Module) -> tuple:
@@ -165,7 +155,7 @@ class NetworkSlimmer:
         if max_removals_per_point < 1:
             raise DanceError(f"max_removals_per_point must be >= 1, got {max_removals_per_point}")
         self.max_removals_per_point = int(max_removals_per_point)
-        self.original_gflops = count_gflops(_unwrap(model), self.input_shape)
+        self.original_gflops = count_gflops(unwrap_model(model), self.input_shape)
         self.done: list[float] = []
         self.events: list[PruneEvent] = []
         self._weights: dict[tuple, list[tuple[str, str, float]]] = {}
@@ -175,7 +165,7 @@ class NetworkSlimmer:
     def sparsity_weights(self, model: nn.Module, mean_scale: float = 1.0) -> dict[str, float]:
         """``c_b`` per branch: its share of the model's FLOPs at ``input_shape`` scaled by
         ``mean_scale``. Cached per (architecture state, shape)."""
-        return {f"{p}.{b}": c for p, b, c in self._cost_shares(_unwrap(model), mean_scale)}
+        return {f"{p}.{b}": c for p, b, c in self._cost_shares(unwrap_model(model), mean_scale)}
 
     def _cost_shares(self, model: nn.Module, mean_scale: float) -> list[tuple[str, str, float]]:
         shape = _scaled_shape(self.input_shape, mean_scale)
@@ -187,7 +177,7 @@ class NetworkSlimmer:
 
     def sparsity_loss(self, model: nn.Module, mean_scale: float = 1.0) -> torch.Tensor:
         """``lam * sum_b c_b * |g_b|`` (SPEC §1.3), differentiable w.r.t. the gates."""
-        model = _unwrap(model)
+        model = unwrap_model(model)
         if self.lam == 0:  # switched off: skip the FLOPs shares altogether
             return next(model.parameters()).new_zeros(())
         shares = self._cost_shares(model, mean_scale)
@@ -225,7 +215,7 @@ class NetworkSlimmer:
         if not pending:
             raise ValueError(f"no pruning point due at progress {progress}; "
                              f"scheduled {self.prune_at}, done {self.done}")
-        model = _unwrap(model)
+        model = unwrap_model(model)
         probe = None
         if probe_batches:
             probe = _Probe(model, probe_batches, loss_fn)
@@ -363,7 +353,7 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer,
     is updated in place and returned, so its class, hyper-parameters and param-group options are
     unchanged and LR schedulers (and anything else) holding it keep working.
     """
-    named = list(_unwrap(model).named_parameters())
+    named = list(unwrap_model(model).named_parameters())
     alive = {id(p) for _, p in named}
     group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
     for p in [p for p in optimizer.state if id(p) not in alive]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dance.network.gates import MultiScaleModule, _new_gates
+from dance.network.gates import MultiScaleModule, new_gates
 from dance.network.models.common import ConvBNReLU, ResNetBackbone, SegmentationNet, resize_bilinear
 from dance.network.registry import register_model
 
@@ -70,7 +70,7 @@ class ContextPath(MultiScaleModule):
         self.global_context = nn.Sequential(nn.AdaptiveAvgPool2d(1),
                                             nn.Conv2d(c32, channels, 1), nn.ReLU(inplace=True))
         self.refine16 = ConvBNReLU(channels, channels, 3)
-        self.gates = _new_gates(CONTEXT_BRANCHES)
+        self.gates = new_gates(CONTEXT_BRANCHES)
 
     @staticmethod
     def _needs_layer4(live) -> bool:

@@ -46,7 +46,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from dance.errors import DanceError
-from dance.network.gates import MultiScaleModule, _new_gates, slice_conv_inputs
+from dance.network.gates import MultiScaleModule, new_gates, slice_conv_inputs
 from dance.network.models.common import ConvBNReLU, SegmentationNet, resize_bilinear
 from dance.network.pretrained import load_backbone_weights
 from dance.network.registry import register_model
@@ -223,7 +223,7 @@ class HRNet(MultiScaleModule):
                                       blocks_per_branch, modules_per_stage)
         load_backbone_weights(self.backbone, pretrained_backbone, "hrnet_w18_small")
         self.head = HRNetV2Head(self.widths, num_classes)
-        self.gates = _new_gates(STREAMS)
+        self.gates = new_gates(STREAMS)
 
     def stream_gates(self) -> Gates:
         """Per stream: its gate, or None (stream 1, and removed streams)."""
