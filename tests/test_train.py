@@ -123,6 +123,23 @@ def test_resume_after_kill_gives_the_same_metrics(runs, config, tmp_path):
     assert resumed["removed_branches"] == uninterrupted["removed_branches"]
 
 
+def test_kill_during_the_checkpoint_swap_resumes_from_checkpoint_new(runs, config, tmp_path):
+    _, _, uninterrupted = runs
+    out = tmp_path / "swap"
+    cmd = [sys.executable, "-m", "dance", "train", "--config", str(config), *TINY,
+           "--out", str(out), "--quiet"]
+    res = subprocess.run(cmd, env={**os.environ, "DANCE_FAULT_AT": "checkpoint-swap"},
+                         capture_output=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL
+    assert (out / "checkpoint.new" / "state.json").is_file() and not (out / "checkpoint").exists()
+    assert main(["train", "--config", str(config), *TINY, "--out", str(out), "--quiet",
+                 "--resume"]) == 0
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["resumed"] is True and not (out / "checkpoint.new").exists()
+    for k in ("miou", "pixel_acc", "train_gflops_total", "realised_cost", "gflops"):
+        assert resumed[k] == pytest.approx(uninterrupted[k], rel=1e-6, abs=1e-6), k
+
+
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(runs, config, tmp_path, capsys):
     base, _, _ = runs
     out = tmp_path / "nan"
@@ -130,7 +147,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(runs, config, tmp_pat
     before = (out / "checkpoint" / "model.safetensors").read_bytes()
     (out / "metrics.json").unlink()
     rc = main(["train", "--config", str(config), *TINY, "train.lr=1e12", "--out", str(out),
-               "--quiet", "--resume"])
+               "--quiet", "--resume", "--force"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "loss became" in err[0]
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before

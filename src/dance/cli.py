@@ -219,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.epochs=2 data_slimming.budget=0.4")
     p.add_argument("--out", default=None, help="run folder (metrics.json, checkpoint/)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's checkpoint (refused if the config or dataset "
+                        "changed since the run started)")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the config or dataset changed "
+                        "(recorded in metrics.json as forced_resume)")
     p.add_argument("--on-bad-sample", choices=("error", "skip"), default=None,
                    help="stop on a bad training file, or skip it (logged once, counted in "
                         "metrics.json); default: train.on_bad_sample of the config")

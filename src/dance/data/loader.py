@@ -53,7 +53,12 @@ class PlannedDataset(torch.utils.data.Dataset):
             image, mask = self.dataset.load(index)
         except DanceError as e:
             if self.on_bad_sample == "error":
-                raise
+                if torch.utils.data.get_worker_info() is None:
+                    raise
+                # In a DataLoader worker: hand the one-line reason to the trainer as data, which
+                # raises it (`raise_batch_errors`); raised here it would reach the user wrapped
+                # in torch's worker traceback.
+                return {"error": str(e), "index": index, "scale": scale}
             sample_id = self.dataset.samples[index].id
             if sample_id not in self._warned:
                 self._warned.add(sample_id)
@@ -64,11 +69,22 @@ class PlannedDataset(torch.utils.data.Dataset):
         return {"image": x, "mask": y, "index": index, "scale": scale}
 
 
+def raise_batch_errors(batch: dict) -> None:
+    """Raise the first bad-sample error a DataLoader worker put into ``batch``, as one line."""
+    if batch.get("errors"):
+        raise DanceError(batch["errors"][0])
+
+
 def collate_planned(batch: Sequence[dict | None]) -> dict:
     """Stack a batch of one scale; skipped samples are dropped and listed under ``"skipped"``.
+    A bad sample loaded in a worker with ``on_bad_sample="error"`` makes the batch carry
+    ``"errors"`` instead (see `raise_batch_errors`).
 
     When every sample was skipped, ``image`` has zero rows (``batch["image"].shape[0] == 0``).
     """
+    errors = [b["error"] for b in batch if b is not None and "error" in b]
+    if errors:
+        return {"image": torch.empty((0, 3, 0, 0)), "errors": errors, "skipped": []}
     skipped = [b["skipped"] for b in batch if b is not None and "skipped" in b]
     items = [b for b in batch if b is not None and "skipped" not in b]
     scales = {b["scale"] for b in items}

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dance.engine.run_folder import fault_point
 from dance.engine.runtime import unwrap_model
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json
@@ -27,11 +28,21 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
 
 
+def _complete(folder: Path) -> bool:
+    # state.json is written (atomically) after the weights, so its presence means complete
+    return (folder / STATE_FILE).is_file() and (folder / MODEL_FILE).is_file()
+
+
 def _checkpoint_dir(path: str | Path) -> Path:
-    """A run folder or a checkpoint folder -> the checkpoint folder."""
+    """A run folder or a checkpoint folder -> the checkpoint folder. A complete
+    ``checkpoint.new`` (a kill during the swap left it) is newer than the others."""
     p = Path(path)
-    for cand in (p, p / "checkpoint", p.with_name(p.name + ".old"), p / "checkpoint.old"):
-        if (cand / STATE_FILE).is_file() and (cand / MODEL_FILE).is_file():
+    cands = [p, p / "checkpoint.new", p / "checkpoint", p.with_name(p.name + ".old"),
+             p / "checkpoint.old"]
+    if p.name == "checkpoint":
+        cands.insert(0, p.with_name("checkpoint.new"))
+    for cand in cands:
+        if _complete(cand):
             return cand
     if not p.exists():
         raise DanceError(f"{p}: checkpoint not found")
@@ -57,11 +68,24 @@ def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "dance-checkpoint"})
     atomic_write_json(tmp / STATE_FILE, state)
+    fault_point("checkpoint-written")
+    return finish_swap(folder)
+
+
+def finish_swap(folder: str | Path) -> Path:
+    """Swap a complete ``folder.new`` in for ``folder`` (keeping the previous one as
+    ``folder.old`` until the new one is in place). Resume calls it too, to finish a swap a kill
+    interrupted; without a complete ``.new`` it changes nothing."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".new")
     old = folder.with_name(folder.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
+    if not _complete(tmp):
+        return folder
     if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
         folder.rename(old)
+    fault_point("checkpoint-swap")
     tmp.rename(folder)
     if old.exists():
         shutil.rmtree(old)
@@ -100,12 +124,17 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
             optimizer.state[p] = st
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+def read_state(path: str | Path) -> tuple[dict, Path]:
+    """``state.json`` of a run or checkpoint folder, without loading the weights."""
     folder = _checkpoint_dir(path)
     try:
-        state = json.loads((folder / STATE_FILE).read_text())
-    except json.JSONDecodeError as e:
+        return json.loads((folder / STATE_FILE).read_text()), folder
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DanceError(f"{folder / STATE_FILE}: corrupt checkpoint state ({e})") from None
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    state, folder = read_state(path)
     try:
         tensors = load_file(str(folder / MODEL_FILE))
     except (SafetensorError, OSError) as e:

@@ -30,6 +30,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
     prune_events: list[dict] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, so far
+    forced_resume: bool = False  # resumed with --force under a different fingerprint
 
     def to_json(self) -> dict:
         return {
@@ -38,6 +39,7 @@ class TrainState:
             "wall_seconds": self.wall_seconds, "hardness": list(self.hardness),
             "skipped": sorted(self.skipped), "history": list(self.history),
             "prune_events": list(self.prune_events), "plan": self.plan.to_json(), "phases": dict(self.phases),
+            "forced_resume": self.forced_resume,
         }
 
     @classmethod
@@ -55,4 +57,5 @@ class TrainState:
                    ledger=CostLedger(**{k: d[k] for k in _LEDGER_FIELDS}),
                    wall_seconds=float(d["wall_seconds"]), skipped=set(d["skipped"]),
                    history=list(d["history"]), prune_events=list(d["prune_events"]),
-                   phases=dict(d.get("phases", {})))
+                   phases=dict(d.get("phases", {})),
+                   forced_resume=bool(d.get("forced_resume", False)))

@@ -9,6 +9,7 @@ Read ``train`` first: it is the method, top to bottom. ``train_one_epoch`` is on
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dance.data.datasets import SegmentationDataset, open_dataset
-from dance.data.loader import PlannedDataset, collate_planned
+from dance.data.loader import PlannedDataset, collate_planned, raise_batch_errors
 from dance.data.plan import DataSlimmingPlan, Hardness, plan, progressive_plan, uniform_plan
 from dance.data.sampler import BucketedBatchSampler
 from dance.data.transforms import TrainTransform
@@ -31,6 +32,14 @@ from dance.engine.config import RunConfig, load_config
 from dance.engine.cost import EnergyMeter, PhaseTimer
 from dance.engine.evaluate import eval_fields
 from dance.engine.loss import weighted_cross_entropy
+from dance.engine.run_folder import (
+    FINGERPRINT_FILE,
+    describe_diff,
+    fault_point,
+    fingerprint_diff,
+    locked,
+    run_fingerprint,
+)
 from dance.engine.runtime import Runtime, all_reduce_, autocast, broadcast_from_main, setup_runtime, wrap_ddp
 from dance.engine.state import TrainState
 from dance.errors import DanceError
@@ -41,58 +50,82 @@ from dance.network.slimming import NetworkSlimmer, rebuild_optimizer
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          score_cache: str | Path | None = None) -> dict:
-    """Train one run into ``out_dir``; returns (and writes) its metrics.json content."""
+          score_cache: str | Path | None = None, force: bool = False) -> dict:
+    """Train one run into ``out_dir``; returns (and writes) its metrics.json content.
+
+    ``resume`` continues the run's checkpoint, provided it was started with the same
+    fingerprint (config, dataset, version); ``force`` continues it even so, and says so in
+    metrics.json. The folder is locked while this runs.
+    """
     out_dir = Path(out_dir)
     rt = setup_runtime(cfg.train.device)
-    tc = cfg.train
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed)
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    train_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
-    val_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
-    model = build_model(cfg.model.name, train_ds.num_classes, cfg.model.pretrained_backbone,
-                        **cfg.model.options)
-    plan0 = shared_data_plan(cfg, train_ds, out_dir, score_cache, progress, rt)
-    slimmer = make_slimmer(cfg, model)
-    state = TrainState(plan=plan0, hardness=[float("nan")] * len(train_ds))
-    saved = resume_run(out_dir / "checkpoint", cfg, model, slimmer, state, rt) if resume else None
-    run = start_run(cfg, rt, model, slimmer, train_ds, state, saved, out_dir, progress)
-    hardness = Hardness(len(train_ds), cfg.data_slimming.hardness_momentum, state.hardness)
-
-    run.meter.start()
-    t_start = time.perf_counter() - state.wall_seconds
-    for epoch in range(state.epoch, tc.epochs):
-        lr, mean_scale = train_one_epoch(run, state, hardness, epoch)
-        epoch_loss = end_epoch_hardness(hardness, rt)
-        if adapts(cfg) and hardness.filled() is not None:  # re-plan from what is still hard
-            state.plan = plan0.replan(hardness.filled(), alpha=cfg.data_slimming.hardness_alpha)
-        state.epoch, state.wall_seconds = epoch + 1, time.perf_counter() - t_start
-        state.hardness = hardness.to_json()
-        val = None
-        if tc.eval_every and (epoch + 1) % tc.eval_every == 0 and epoch + 1 < tc.epochs:
-            with run.timer.phase("eval"):
-                val = evaluate_run(model, val_ds, cfg, rt, run.show)["miou"]
-        record = {"epoch": epoch + 1, "step": state.global_step, "loss": epoch_loss, "lr": lr,
-                  "mean_scale": mean_scale, "gates": gate_values(model),
-                  "realised_cost": state.ledger.realised_cost, "val_miou": val}
-        state.history.append(record)
-        log_epoch(run, record)
+    with locked(out_dir) if rt.is_main else contextlib.nullcontext():
+        if not resume:
+            refuse_existing_run(out_dir)
+        tc = cfg.train
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed)
+        train_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
+        val_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
+        fingerprint = run_fingerprint(cfg.to_dict(), train_ds, val_ds)
+        model = build_model(cfg.model.name, train_ds.num_classes, cfg.model.pretrained_backbone,
+                            **cfg.model.options)
+        plan0 = shared_data_plan(cfg, train_ds, out_dir, score_cache, progress, rt)
+        slimmer = make_slimmer(cfg, model)
+        state = TrainState(plan=plan0, hardness=[float("nan")] * len(train_ds))
+        saved = (resume_run(out_dir / "checkpoint", cfg, model, slimmer, state, rt, fingerprint,
+                            force) if resume else None)
         if rt.is_main:
-            with run.timer.phase("checkpoint"):
-                state.phases = run.timer.to_json()
-                save_run_checkpoint(run, state)
-    run.meter.stop()
-    wall_seconds = time.perf_counter() - t_start
+            atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)
+        run = start_run(cfg, rt, model, slimmer, train_ds, state, saved, out_dir, progress)
+        run.fingerprint = fingerprint
+        hardness = Hardness(len(train_ds), cfg.data_slimming.hardness_momentum, state.hardness)
 
-    with run.timer.phase("eval"):
-        val_metrics = evaluate_run(model, val_ds, cfg, rt, run.show)
-    metrics = final_metrics(run, state, plan0, val_metrics, wall_seconds, saved is not None)
-    if rt.is_main:
-        atomic_write_json(out_dir / "metrics.json", metrics)
-        atomic_write_json(out_dir / "plan.json", plan0.to_json())
-    return metrics
+        run.meter.start()
+        t_start = time.perf_counter() - state.wall_seconds
+        for epoch in range(state.epoch, tc.epochs):
+            lr, mean_scale = train_one_epoch(run, state, hardness, epoch)
+            epoch_loss = end_epoch_hardness(hardness, rt)
+            if adapts(cfg) and hardness.filled() is not None:  # re-plan from what is still hard
+                state.plan = plan0.replan(hardness.filled(),
+                                          alpha=cfg.data_slimming.hardness_alpha)
+            state.epoch, state.wall_seconds = epoch + 1, time.perf_counter() - t_start
+            state.hardness = hardness.to_json()
+            val = None
+            if tc.eval_every and (epoch + 1) % tc.eval_every == 0 and epoch + 1 < tc.epochs:
+                with run.timer.phase("eval"):
+                    val = evaluate_run(model, val_ds, cfg, rt, run.show)["miou"]
+            record = {"epoch": epoch + 1, "step": state.global_step, "loss": epoch_loss,
+                      "lr": lr, "mean_scale": mean_scale, "gates": gate_values(model),
+                      "realised_cost": state.ledger.realised_cost, "val_miou": val}
+            state.history.append(record)
+            log_epoch(run, record)
+            check_finite(run, epoch)  # every rank, before rank 0 replaces the last checkpoint
+            if rt.is_main:
+                with run.timer.phase("checkpoint"):
+                    state.phases = run.timer.to_json()
+                    save_run_checkpoint(run, state)
+        run.meter.stop()
+        wall_seconds = time.perf_counter() - t_start
+
+        with run.timer.phase("eval"):
+            val_metrics = evaluate_run(model, val_ds, cfg, rt, run.show)
+        metrics = final_metrics(run, state, plan0, val_metrics, wall_seconds, saved is not None)
+        if rt.is_main:  # metrics.json last: it is what marks the run finished
+            atomic_write_json(out_dir / "plan.json", plan0.to_json())
+            fault_point("before-metrics")
+            atomic_write_json(out_dir / "metrics.json", metrics)
+        return metrics
+
+
+def refuse_existing_run(out: Path) -> None:
+    """A fresh run never overwrites another run's results or checkpoint."""
+    if (out / "metrics.json").exists():
+        raise DanceError(f"{out}: already holds a finished run (metrics.json); "
+                         "choose another --out or pass --resume")
+    if any((out / f"checkpoint{sfx}").exists() for sfx in ("", ".new", ".old")):
+        raise DanceError(f"{out}: holds a checkpoint of an unfinished run; "
+                         "pass --resume to continue it or choose another --out")
 
 
 @dataclass
@@ -115,6 +148,7 @@ class Run:
     timer: PhaseTimer = field(default_factory=PhaseTimer)
     meter: EnergyMeter | None = None
     tb: _Tensorboard | None = None
+    fingerprint: dict = field(default_factory=dict)
 
 
 def train_one_epoch(run: Run, state: TrainState, hardness: Hardness, epoch: int
@@ -136,6 +170,7 @@ def train_one_epoch(run: Run, state: TrainState, hardness: Hardness, epoch: int
     for i in range(steps):
         with run.timer.phase("data"):
             batch = next(it)
+        raise_batch_errors(batch)
         state.skipped.update(batch.get("skipped", []))
         lr = poly_lr(run.cfg, (epoch + i / steps) / tc.epochs)
         for g in run.optimizer.param_groups:
@@ -175,9 +210,8 @@ def optimizer_step(run: Run, batch: dict, weights: torch.Tensor, mean_scale: flo
     if run.slimmer is not None:
         total = total + run.slimmer.sparsity_loss(run.model, mean_scale)
     if not torch.isfinite(total):
-        raise DanceError(
-            f"loss became {total.item()} at epoch {epoch + 1} step {step + 1}; training "
-            f"stopped (lower train.lr?); the last good checkpoint in {run.ckpt_dir} is intact")
+        raise DanceError(f"loss became {total.item()} at epoch {epoch + 1} step {step + 1}; "
+                         f"training stopped (lower train.lr?); {last_good(run.ckpt_dir)}")
     run.optimizer.zero_grad(set_to_none=True)
     total.backward()
     run.optimizer.step()
@@ -287,10 +321,14 @@ def poly_lr(cfg: RunConfig, progress: float) -> float:
 
 
 def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: NetworkSlimmer | None,
-               state: TrainState, rt: Runtime) -> tuple[dict, dict] | None:
+               state: TrainState, rt: Runtime, fingerprint: dict, force: bool
+               ) -> tuple[dict, dict] | None:
     """Restore weights, architecture, slimmer, RNG and ``state`` from the run's checkpoint;
     returns ``(tensors, saved state.json)`` for the optimizer, or None when there is none."""
-    if not (ckpt_dir.exists() or ckpt_dir.with_name("checkpoint.old").exists()):
+    if rt.is_main:
+        ckpt.finish_swap(ckpt_dir)  # a kill during the last save may have left it half done
+    broadcast_from_main(None, rt)  # the other ranks read only after that
+    if not any(ckpt_dir.with_name(ckpt_dir.name + sfx).exists() for sfx in ("", ".new", ".old")):
         if rt.is_main:
             print(f"dance train: no checkpoint in {ckpt_dir}, starting from scratch",
                   file=sys.stderr)
@@ -300,11 +338,17 @@ def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: Networ
     if arch["name"] != cfg.model.name:
         raise DanceError(f"{folder}: checkpoint is of model {arch['name']!r}, "
                          f"the config asks for {cfg.model.name!r}")
+    differs = fingerprint_diff(saved.get("fingerprint"), fingerprint)
+    if differs and not force:
+        raise DanceError(f"{folder}: the run was started with a different "
+                         f"{describe_diff(differs)}; pass --force to continue it anyway, or "
+                         "choose another --out")
     if arch.get("removed"):
         from dance.network.gates import remove_branches
         remove_branches(model, arch["removed"])
     ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
     restored = TrainState.from_json(saved["train_state"], str(folder / ckpt.STATE_FILE))
+    restored.forced_resume = restored.forced_resume or bool(differs)
     state.__dict__.update(restored.__dict__)
     if slimmer is not None and saved.get("slimmer"):
         slimmer.load_state_dict(saved["slimmer"])
@@ -374,9 +418,34 @@ def log_epoch(run: Run, record: dict) -> None:
         **{f"gates/{k}": v for k, v in record["gates"].items()}})
 
 
+def check_finite(run: Run, epoch: int) -> None:
+    """Stop (every rank alike) when a weight, buffer or optimizer tensor is NaN or inf, so a
+    broken model never replaces the last good checkpoint."""
+    tensors = [(n, t) for n, t in run.model.state_dict().items() if t.is_floating_point()]
+    tensors += [(f"optimizer state of {n}", t) for p, st in run.optimizer.state.items()
+                for n, t in st.items() if torch.is_tensor(t) and t.is_floating_point()]
+    bad = next((n for n, t in tensors if not torch.isfinite(t).all()), None)
+    flag = all_reduce_(torch.tensor([0.0 if bad is None else 1.0], device=run.rt.device), run.rt)
+    if flag.item() > 0:
+        raise DanceError(f"weights became non-finite ({bad or 'on another rank'}) in epoch "
+                         f"{epoch + 1}; training stopped (lower train.lr?); "
+                         f"{last_good(run.ckpt_dir)}")
+
+
+def last_good(ckpt_dir: Path) -> str:
+    """What a stopped run leaves to resume from, said honestly."""
+    try:
+        saved, folder = ckpt.read_state(ckpt_dir)
+        epoch = saved["train_state"]["epoch"]
+    except (DanceError, KeyError, TypeError):
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint ({folder}, after epoch {epoch}) is intact"
+
+
 def save_run_checkpoint(run: Run, state: TrainState) -> None:
     ckpt.save_checkpoint(run.ckpt_dir, run.model, {
-        "config": run.cfg.to_dict(), "train_state": state.to_json(),
+        "config": run.cfg.to_dict(), "fingerprint": run.fingerprint,
+        "train_state": state.to_json(),
         "slimmer": run.slimmer.state_dict() if run.slimmer is not None else None,
     }, run.optimizer)
 
@@ -416,6 +485,8 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "world_size": rt.world_size,
         "phase_seconds": run.timer.to_json(),
         "resumed": resumed,
+        "forced_resume": state.forced_resume,
+        "fingerprint": run.fingerprint,
         "branches": [{"name": b.name, "gate": b.gate, "gflops_share": b.gflops_share}
                      for b in branches(model, (1, 3, h, w))],
         "prune_events": state.prune_events,
@@ -458,13 +529,9 @@ def cli_train(args) -> int:
         overrides.append(f"train.on_bad_sample={args.on_bad_sample}")
     cfg = load_config(args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if (out / "metrics.json").exists() and not args.resume:
-        raise DanceError(f"{out}: already holds a finished run (metrics.json); "
-                         "choose another --out or pass --resume")
-    if (out / "checkpoint").exists() and not args.resume:
-        raise DanceError(f"{out}: holds a checkpoint of an unfinished run; "
-                         "pass --resume to continue it or choose another --out")
-    metrics = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if args.force and not args.resume:
+        raise DanceError("--force only applies to --resume")
+    metrics = train(cfg, out, resume=args.resume, progress=not args.quiet, force=args.force)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"mIoU {metrics['miou']:.2f}  train {metrics['train_gflops_total']:.1f} GFLOPs "
               f"(realised cost {metrics['realised_cost']:.3f} of plain, planned "

@@ -15,12 +15,15 @@ slimming differ:
 """
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from dance.engine.config import RunConfig, load_config
+from dance.engine.run_folder import describe_diff, fingerprint_diff, locked, run_fingerprint
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json, atomic_write_text, jsonable
 
@@ -92,42 +95,94 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict:
 
 def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1,
             progress: bool = True, plots: bool = True) -> dict:
-    """Train every run kind with the same data, model, epochs and seeds; write the report."""
-    from dance.engine.train import train
+    """Train every run kind with the same data, model, epochs and seeds; write the report.
+
+    A finished run in ``out_dir`` is reused only when its fingerprint matches the run asked
+    for; otherwise it is retrained (the old folder kept as ``<run>.previous``). What happened
+    to each run is printed and recorded in report.json's ``run_status``.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    score_cache = out_dir / "scores.cache.json"  # scored once, shared by every run
-    per_seed: dict[str, list[dict]] = {k: [] for k in runs}
-    run_dirs: dict[str, list[str]] = {k: [] for k in runs}
-    for s in range(seeds):
-        seed = cfg.train.seed + s
-        for kind in runs:
-            folder = out_dir / "runs" / (kind if seeds == 1 else f"{kind}-seed{seed}")
-            if progress:
-                print(f"[compare] {kind} (seed {seed}) -> {folder}", file=sys.stderr)
-            metrics_file = folder / "metrics.json"
-            if metrics_file.exists():  # a finished run is reused, so an interrupted compare resumes
-                import json
-                m = json.loads(metrics_file.read_text())
-            else:
-                m = train(run_config(cfg, kind, seed), folder, resume=True, progress=progress,
-                          score_cache=score_cache)
-            per_seed[kind].append(m)
-            run_dirs[kind].append(str(folder))
-    report = aggregate(per_seed)
-    report["config"] = cfg.to_dict()
-    report["seeds"] = seeds
-    report["run_dirs"] = run_dirs
-    report["plots"] = []
-    if plots:
-        from dance.report.plots import make_plots
-        report["plots"] = make_plots(report, cfg, out_dir)
-    atomic_write_json(out_dir / "report.json", jsonable(report))
-    atomic_write_text(out_dir / "report.md", render_markdown(report))
+    with locked(out_dir):
+        score_cache = out_dir / "scores.cache.json"  # scored once, shared by every run
+        per_seed: dict[str, list[dict]] = {k: [] for k in runs}
+        run_dirs: dict[str, list[str]] = {k: [] for k in runs}
+        status: dict[str, list[str]] = {k: [] for k in runs}
+        for s in range(seeds):
+            seed = cfg.train.seed + s
+            for kind in runs:
+                folder = out_dir / "runs" / (kind if seeds == 1 else f"{kind}-seed{seed}")
+                m, what = reuse_or_train(run_config(cfg, kind, seed), folder, score_cache,
+                                         progress, f"{kind} (seed {seed})")
+                per_seed[kind].append(m)
+                run_dirs[kind].append(str(folder))
+                status[kind].append(what)
+        report = aggregate(per_seed)
+        report.update(config=cfg.to_dict(), seeds=seeds, run_dirs=run_dirs, run_status=status,
+                      plots=[])
+        if plots:
+            from dance.report.plots import make_plots
+            report["plots"] = make_plots(report, cfg, out_dir)
+        atomic_write_text(out_dir / "report.md", render_markdown(report))
+        atomic_write_json(out_dir / "report.json", jsonable(report))  # last: the report is done
     return report
 
 
-_jsonable = jsonable  # the old name, until dance.bench imports dance.fileio.jsonable
+def reuse_or_train(cfg: RunConfig, folder: Path, score_cache: Path, progress: bool,
+                   label: str) -> tuple[dict, str]:
+    """A finished run with this fingerprint is reused; an unfinished one with it is resumed;
+    one with another fingerprint is moved to ``<folder>.previous`` and trained anew."""
+    from dance.engine.train import train
+    recorded, finished = _recorded_fingerprint(folder)
+    if recorded is _NONE:
+        what = "trained"
+    else:
+        differs = fingerprint_diff(recorded, fingerprint_for(cfg))
+        forced = bool(finished and finished.get("forced_resume"))
+        if not differs and not forced:
+            if finished is not None:
+                print(f"[compare] {label}: reused {folder} (same fingerprint)", file=sys.stderr)
+                return finished, "reused"
+            what = "resumed"
+        else:
+            why = (f"fingerprint differs: {describe_diff(differs)}" if differs
+                   else "it was resumed with --force")
+            previous = folder.with_name(folder.name + ".previous")
+            if previous.exists():
+                shutil.rmtree(previous)
+            folder.rename(previous)
+            what = f"retrained ({why})"
+            print(f"[compare] {label}: {why}; retraining -> {folder} (the old run is kept "
+                  f"in {previous})", file=sys.stderr)
+    if not what.startswith("retrained"):
+        print(f"[compare] {label}: {what} -> {folder}", file=sys.stderr)
+    return train(cfg, folder, resume=True, progress=progress, score_cache=score_cache), what
+
+
+_NONE = object()  # the folder holds no run at all
+
+
+def _recorded_fingerprint(folder: Path) -> tuple[object, dict | None]:
+    """(the fingerprint the run in ``folder`` was made with, its metrics if finished)."""
+    from dance.engine import checkpoint as ckpt
+    metrics_file = folder / "metrics.json"
+    if metrics_file.is_file():
+        try:
+            metrics = json.loads(metrics_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None, {}  # unreadable: retrain it
+        return metrics.get("fingerprint"), metrics
+    try:
+        saved, _ = ckpt.read_state(folder / "checkpoint")
+    except DanceError:
+        return _NONE, None
+    return saved.get("fingerprint"), None
+
+
+def fingerprint_for(cfg: RunConfig) -> dict:
+    from dance.data.datasets import open_dataset
+    d = cfg.dataset
+    return run_fingerprint(cfg.to_dict(), open_dataset(d.name, d.root, d.train_split),
+                           open_dataset(d.name, d.root, d.val_split))
 
 
 def _pm(mean: float, std: float, seeds: int, fmt: str = "{:.2f}") -> str:

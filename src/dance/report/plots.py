@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from dance.data.labels import IGNORE_INDEX  # noqa: E402
 from dance.engine.config import RunConfig  # noqa: E402
+from dance.fileio import atomic_write_bytes  # noqa: E402
 
 _GUIDED = ("dance", "data", "shuffled")  # runs whose plan is complexity-derived
 
@@ -24,9 +25,13 @@ def _plan_run(report: dict) -> str | None:
 
 
 def _save(fig, path: Path) -> str:
+    """Write the figure atomically (a killed compare never leaves a half-written plot)."""
+    import io
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
     return str(path)
 
 

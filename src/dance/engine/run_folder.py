@@ -1,0 +1,111 @@
+"""What keeps a run folder honest (docs/checkpoints.md#run-folder):
+
+* a fingerprint of everything that determines a run's result (the resolved config, the
+  dataset's identity, the package version), so a resume or a reused compare run can be checked
+  against the config it is asked to continue;
+* a lock, so one process at a time writes a folder;
+* named fault points, where the fault-injection tests kill the process (off unless the test
+  sets ``DANCE_FAULT_AT``).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from dance.errors import DanceError
+
+FINGERPRINT_FILE = "fingerprint.json"
+LOCK_FILE = ".lock"
+# Config keys that change how fast a run goes, never what it computes.
+_NOT_RESULT_KEYS = (("train", "workers"),)
+
+
+def dataset_identity(dataset) -> dict:
+    """Split, number of samples and a hash of every sample's id and file sizes."""
+    h = hashlib.sha256()
+    for s in dataset.samples:
+        sizes = [_size(s.image), _size(s.mask) if s.mask is not None else -1]
+        h.update(f"{s.id}\0{sizes[0]}\0{sizes[1]}\n".encode())
+    return {"split": dataset.split, "samples": len(dataset.samples), "ids_sha256": h.hexdigest()}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
+def result_config(config: dict) -> dict:
+    """The resolved config less what cannot change the result: speed-only keys, and the
+    settings of a slimming part that is switched off."""
+    cfg = json.loads(json.dumps(config))
+    for section, key in _NOT_RESULT_KEYS:
+        cfg.get(section, {}).pop(key, None)
+    for part in ("data_slimming", "network_slimming"):
+        if part in cfg and not cfg[part].get("enabled", True):
+            cfg[part] = {"enabled": False}
+    return cfg
+
+
+def run_fingerprint(config: dict, train_ds, val_ds) -> dict:
+    from dance import __version__
+    return {"config": result_config(config),
+            "dataset": {"name": train_ds.name, "train_split": dataset_identity(train_ds),
+                        "val_split": dataset_identity(val_ds)},
+            "dance_version": __version__}
+
+
+def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two fingerprints (or configs)."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        keys = list(dict.fromkeys([*old, *new]))
+        return [d for k in keys
+                for d in fingerprint_diff(old.get(k, _MISSING), new.get(k, _MISSING),
+                                          f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".") or "fingerprint"]
+
+
+_MISSING = object()
+
+
+def describe_diff(keys: list[str], limit: int = 6) -> str:
+    """``config.data_slimming.budget, ...`` shortened for a one-line message."""
+    shown = [k.removeprefix("config.") for k in keys[:limit]]
+    return ", ".join(shown) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+@contextlib.contextmanager
+def locked(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold ``folder``'s lock while the block runs; a second writer gets a one-line DanceError
+    naming the holder's pid. The lock (``flock`` on ``.lock``) dies with its process, so a
+    killed run never leaves its folder locked."""
+    import fcntl
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise DanceError(f"{folder}: being written by another dance process (pid {holder}); "
+                         "wait for it to finish or choose another --out") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def fault_point(name: str) -> None:
+    """Test-only: die here, as ``kill -9`` would, when ``DANCE_FAULT_AT`` names this point."""
+    if os.environ.get("DANCE_FAULT_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
