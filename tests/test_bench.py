@@ -1,4 +1,4 @@
-"""`dance bench` (SPEC §4): every subcommand on tiny SynthStreets sets, through the CLI."""
+"""`dance bench`: every subcommand on tiny SynthStreets sets, through the CLI."""
 from __future__ import annotations
 
 import json

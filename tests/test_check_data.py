@@ -1,4 +1,4 @@
-"""`dance check-data` (SPEC §3, §4): every kind of bad input is found, named, and exits 1."""
+"""`dance check-data`: every kind of bad input is found, named, and exits 1."""
 from __future__ import annotations
 
 import json
@@ -49,7 +49,7 @@ def test_clean_dataset_exits_0_with_exact_pixel_counts(tmp_path, capsys):
 
 
 def make_broken_cityscapes(root):
-    """One good sample and one sample per kind of problem (SPEC §3)."""
+    """One good sample and one sample per kind of problem."""
     cityscapes_pair(root, "train", "aachen", "aachen_000000_000019", AACHEN)  # the good one
     missing = cityscapes_pair(root, "train", "aachen", "aachen_000001_000019", None,
                               image_hw=(4, 6))

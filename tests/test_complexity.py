@@ -1,4 +1,4 @@
-"""Spatial-complexity indicators (SPEC §1.1) on images and masks small enough to check by hand."""
+"""Spatial-complexity indicators on images and masks small enough to check by hand."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Cost accounting (SPEC §2): energy measured (NVML, zeus, RAPL) or estimated, time per phase."""
+"""Cost accounting: energy measured (NVML, zeus, RAPL) or estimated, time per phase."""
 import sys
 import time
 import types

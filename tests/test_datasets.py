@@ -1,4 +1,4 @@
-"""Dataset readers (SPEC §3): tiny fixtures in each real layout, pixel counts checked exactly."""
+"""Dataset readers: tiny fixtures in each real layout, pixel counts checked exactly."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Evaluation, inference cost and complexity-guided inference resolution (SPEC §1.5, §2, §4)."""
+"""Evaluation, inference cost and complexity-guided inference resolution."""
 import json
 import time
 from types import SimpleNamespace

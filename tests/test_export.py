@@ -1,4 +1,4 @@
-"""Export (SPEC §4): ONNX and TorchScript files of a slimmed model run without dance, at any batch
+"""Export: ONNX and TorchScript files of a slimmed model run without dance, at any batch
 size, height and width, and match PyTorch."""
 import subprocess
 import sys

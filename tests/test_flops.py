@@ -1,4 +1,4 @@
-"""The FLOPs counter (SPEC §2): FlopCounterMode on a meta copy, multiply-add = 2 FLOPs, cached per
+"""The FLOPs counter: FlopCounterMode on a meta copy, multiply-add = 2 FLOPs, cached per
 architecture state."""
 import pytest
 import torch

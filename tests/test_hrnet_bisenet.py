@@ -1,4 +1,4 @@
-"""HRNet-W18-small and BiSeNet V1: gated branches, structural removal (SPEC §1.3, §1.4).
+"""HRNet-W18-small and BiSeNet V1: gated branches, structural removal.
 
 The contract every gated model keeps: in eval mode, a branch's gate at 0 gives the same output as
 the branch removed structurally, and the removal really shrinks the model.

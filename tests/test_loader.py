@@ -1,4 +1,4 @@
-"""Loading at the planned scale (SPEC §1.2), bad samples (SPEC §3), determinism (SPEC §5)."""
+"""Loading at the planned scale, bad samples, determinism."""
 import numpy as np
 import pytest
 import torch

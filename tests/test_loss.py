@@ -1,4 +1,4 @@
-"""The weighted loss of SPEC §1.2: per-image mean CE first, then Σ w_i CE_i / Σ w_i."""
+"""The weighted loss of the data policy: per-image mean CE first, then Σ w_i CE_i / Σ w_i."""
 import math
 
 import pytest

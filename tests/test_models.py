@@ -1,4 +1,4 @@
-"""Gated models (SPEC §1.3, §1.4): every branch's zero gate equals its structural removal, and
+"""Gated models: every branch's zero gate equals its structural removal, and
 removal makes the model physically smaller."""
 import copy
 

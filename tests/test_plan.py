@@ -1,4 +1,4 @@
-"""The data-slimming plan (SPEC §1.2): policy, budget solver, controls, JSON, `dance plan`."""
+"""The data-slimming plan: policy, budget solver, controls, JSON, `dance plan`."""
 import json
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Pretrained backbones (SPEC §1.4): torchvision weight names or local files; offline, a missing
+"""Pretrained backbones: torchvision weight names or local files; offline, a missing
 download fails fast with a clear error."""
 import socket
 import time

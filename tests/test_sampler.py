@@ -1,4 +1,4 @@
-"""Bucketed batch sampler (SPEC §1.2 batching, §5 determinism and DDP)."""
+"""Bucketed batch sampler."""
 from collections import Counter
 
 import numpy as np

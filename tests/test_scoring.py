@@ -1,4 +1,4 @@
-"""`dance score`: cached, parallel scoring of a dataset split and its CSV (SPEC §1.1, §4)."""
+"""`dance score`: cached, parallel scoring of a dataset split and its CSV."""
 import json
 import os
 

@@ -1,4 +1,4 @@
-"""Network slimming controller (SPEC §1.3) on a toy segmentation task.
+"""Network slimming controller on a toy segmentation task.
 
 The toy net: a 1x1 stem, a gated multi-scale module with four branches of different cost and one
 classifier. Each 16x16 image is a per-image brightness offset plus noise; a pixel is class 1 when

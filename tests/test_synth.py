@@ -1,4 +1,4 @@
-"""SynthStreets: determinism, reuse, Cityscapes layout, class spread, complexity spread (SPEC §3)."""
+"""SynthStreets: determinism, reuse, Cityscapes layout, class spread, complexity spread."""
 import hashlib
 import re
 from pathlib import Path

@@ -62,7 +62,7 @@ def test_plain_and_dance_runs_end_to_end(runs):
         assert m["energy_joules"] > 0 and m["latency_ms"] > 0 and m["peak_memory_mb"] > 0
     assert plain["planned_cost"] == 1.0 and abs(plain["realised_cost"] - 1.0) < 1e-9
     assert plain["removed_branches"] == []
-    # realised training FLOPs land within +-3% of the plan (SPEC §1.2)
+    # realised training FLOPs land within +-3% of the plan
     assert abs(d["realised_cost"] - d["planned_cost"]) <= 0.03 * d["planned_cost"]
     assert d["train_gflops_total"] < 0.7 * plain["train_gflops_total"]
     # the network budget forced a structural removal: the deployed model is smaller

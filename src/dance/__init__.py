@@ -1,6 +1,6 @@
 """DANCE: data-network co-optimisation for efficient segmentation training and inference.
 
-Public API (SPEC §4); the CLI is built on it.
+Public API (docs/checkpoints.md#loading-a-model-in-python); the CLI is built on it.
 """
 from __future__ import annotations
 

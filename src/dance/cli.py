@@ -1,4 +1,4 @@
-"""``dance`` command line (SPEC §4).
+"""``dance`` command line (docs/cli.md).
 
 Every command exits 0 on success and non-zero with a one-line reason on failure; ``--verbose``
 shows the traceback. Each command's work lives in the library module named in its handler.
@@ -96,7 +96,7 @@ def _one_line_errors(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _dataset_args(p: argparse.ArgumentParser, split_default: str | None = "train") -> None:
-    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout (SPEC §3)")
+    p.add_argument("--dataset", required=True, choices=DATASETS, help="dataset layout (docs/datasets.md)")
     p.add_argument("--root", required=True, help="folder the dataset was downloaded or unpacked to")
     p.add_argument("--split", default=split_default, choices=("train", "val", "test"))
 
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "dance.engine.train:cli_train",
                 "train one run (plain, or DANCE when slimming is enabled in the config)")
-    p.add_argument("--config", required=True, help="YAML config (SPEC §4 shape)")
+    p.add_argument("--config", required=True, help="YAML config (sections and keys: docs/cli.md#config)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.epochs=2 data_slimming.budget=0.4")
     p.add_argument("--out", default=None, help="run folder (metrics.json, checkpoint/)")
@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whole-image or sliding-window inference (default: as trained)")
     p.add_argument("--crop", type=_size, default=None, help="sliding-window size HxW")
     p.add_argument("--adaptive-resolution", action="store_true",
-                   help="complexity-guided input resolution (SPEC §1.5)")
+                   help="complexity-guided input resolution: simpler images at lower resolution "
+                        "(docs/method.md#adaptive-inference-resolution)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -250,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("compare", "dance.report.compare:cli_compare",
                 "train DANCE side by side with the plain run and the alternatives; write a report")
-    p.add_argument("--config", required=True, help="YAML config (SPEC §4 shape)")
+    p.add_argument("--config", required=True, help="YAML config (sections and keys: docs/cli.md#config)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     p.add_argument("--runs", default="baseline,uniform,progressive,shuffled,data,network,dance",
                    help="comma-separated run kinds (baseline is always included)")

@@ -1,4 +1,4 @@
-"""`dance check-data`: validate a dataset split up front (SPEC §3, §4).
+"""`dance check-data`: validate a dataset split up front (docs/datasets.md#check-data).
 
 It decodes only what it must. Image sizes come from file headers. Truncation is caught cheaply:
 a PNG is walked chunk by chunk with PIL's ``verify`` (CRCs checked, pixels not inflated); a JPEG
@@ -34,7 +34,7 @@ _JPEG_TAIL_BYTES = 1024
 
 @dataclass
 class CheckReport:
-    """What `dance check-data` found; ``to_json`` gives the fields of SPEC §4."""
+    """What `dance check-data` found; ``to_json`` gives the fields of docs/cli.md#check-data-json."""
 
     dataset: str
     split: str

@@ -1,4 +1,4 @@
-"""Spatial complexity of an image and its label mask (SPEC §1.1).
+"""Spatial complexity of an image and its label mask (docs/method.md#complexity-indicators).
 
 Every indicator is one scalar per image, computed at native resolution with vectorised numpy.
 Image indicators work on the BT.601 luma rounded to 8 bits (the Y plane ITU-T P.910 measures):
@@ -17,7 +17,7 @@ Label indicators need the mask in train ids (``ignore_index`` pixels are left ou
 - ``label_boundary``: fraction of valid pixels with a valid 4-neighbour of another class.
 - ``label_aliasing``: fraction of valid pixels whose class changes when the mask is
   nearest-downsampled by ``scale`` and upsampled back -- what a training scale of ``scale``
-  costs the image's labels (§1.2). Nearest uses pixel centres (PIL ``NEAREST``, torch
+  costs the image's labels (docs/method.md#data-policy). Nearest uses pixel centres (PIL ``NEAREST``, torch
   ``nearest-exact``). A mask with no valid pixel scores 0 on both.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def as_rgb_uint8(image) -> np.ndarray:
     Accepts numpy arrays and torch tensors shaped ``H x W``, ``H x W x C`` or ``C x H x W``
     (C in 1, 3, 4; channels-last wins when both readings fit; alpha is dropped) and a leading
     batch axis of 1. Integer images are 0-255; floating images are in [0, 1], the model's input
-    convention (SPEC §4), and are rounded to 8 bits so a tensor and its uint8 source score alike.
+    convention, and are rounded to 8 bits so a tensor and its uint8 source score alike.
     """
     torch = sys.modules.get("torch")  # only a caller that already imported torch can pass a tensor
     if torch is not None and isinstance(image, torch.Tensor):
@@ -178,7 +178,8 @@ def label_aliasing(mask: np.ndarray, scale: float = 0.5, ignore_index: int = IGN
 
 def all_indicators(image=None, mask=None, indicators: Iterable[str] | None = None,
                    scale: float = 0.5, ignore_index: int = IGNORE_INDEX) -> dict[str, float]:
-    """Several indicators of one image, sharing one luma and one Sobel pass (SPEC §1.1).
+    """Several indicators of one image, sharing one luma and one Sobel pass
+    (docs/method.md#complexity-indicators).
 
     ``indicators=None`` means every indicator the inputs allow: all of them with a mask, the
     image ones without. ``image`` may be None when only label indicators are asked for.
@@ -228,7 +229,8 @@ def all_indicators(image=None, mask=None, indicators: Iterable[str] | None = Non
 
 def spatial_complexity(image, indicator: str = "si", mask=None, scale: float = 0.5,
                        ignore_index: int = IGNORE_INDEX) -> float:
-    """One complexity score of one image (SPEC §1.1); see the module docstring for definitions.
+    """One complexity score of one image (docs/method.md#complexity-indicators); see the module
+    docstring for definitions.
 
     ``image``: ``H x W x 3`` uint8 array or tensor (``C x H x W`` and float [0, 1] accepted, see
     ``as_rgb_uint8``). ``mask``: ``H x W`` train ids, needed by the label indicators.

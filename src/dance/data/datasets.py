@@ -1,4 +1,4 @@
-"""Dataset readers for the layouts of SPEC §3.
+"""Dataset readers for the layouts of docs/datasets.md.
 
 Every layout is read by one generic reader, parameterised by where its images and masks live, how
 a mask is named after its image, and a look-up table (LUT) from raw mask value to train id. The
@@ -272,7 +272,7 @@ def _list_samples(layout: _Layout, image_dir: Path, mask_dir: Path) -> list[Samp
 
 def open_dataset(name: str, root: str | os.PathLike, split: str, *,
                  allow_empty: bool = False) -> SegmentationDataset:
-    """Open one split of a dataset in one of the layouts of SPEC §3.
+    """Open one split of a dataset in one of the layouts of docs/datasets.md.
 
     Raises DanceError for an unknown name or split, a missing root, a missing or malformed class
     file, and (unless ``allow_empty``, which `dance check-data` uses to report it) a missing or

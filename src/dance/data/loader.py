@@ -1,4 +1,4 @@
-"""Loading at the planned scale (SPEC §1.2 downsampling, §3 bad samples, §5 determinism).
+"""Loading at the planned scale (docs/method.md#data-policy; bad samples: docs/datasets.md#check-data).
 
 The sampler hands out keys ``(index, scale, epoch)``; `PlannedDataset` loads that image and mask
 and transforms them at that scale. Random augmentation draws from a generator seeded by

@@ -1,4 +1,5 @@
-"""The data-slimming plan (SPEC §1.2): per image a scale, a keep probability and a loss weight.
+"""The data-slimming plan: per image a scale, a keep probability and a loss weight
+(docs/method.md#data-policy).
 
 Policy, from the percentile rank ``p_i`` of each image's complexity score (mid-rank: the share of
 images below plus half the share tied with it, so ties get equal rank and ``0 < p_i < 1``):
@@ -9,8 +10,8 @@ images below plus half the share tied with it, so ties get equal rank and ``0 < 
   images is 1 (``Σ keep_i w_i = Σ keep_i``);
 * predicted cost ``= mean_i keep_i * s_i²`` (1.0 is the plain run).
 
-Budget rule (how the free parameters follow from the budget alone). The measurements of SPEC §1.2
-say complexity guidance pays for dropping, so the saving is spent in this order, one parameter
+Budget rule (how the free parameters follow from the budget alone). Measurements on
+real data say complexity guidance pays for dropping, so the saving is spent in this order, one parameter
 moving at a time along a path whose cost falls monotonically:
 
 1. drop: ``drop_quantile`` grows 0 -> 0.5 with ``keep_min = 0.5`` (the least complex images are
@@ -55,7 +56,7 @@ DEFAULT_SCALE_SET = (0.5, 0.625, 0.75, 0.875, 1.0)
 KEEP_MIN = 0.5  # keep probability of dropped images: half of them trained each epoch
 DROP_QUANTILE_MAX = 0.5  # the least complex half is dropped before any image is downsampled
 DROP_ONLY_KEEP_MIN = 0.25  # with downsample=False the keep probability falls this far
-BUDGET_TOLERANCE = 0.01  # SPEC: predicted cost within ±1% of the budget
+BUDGET_TOLERANCE = 0.01  # predicted cost within ±1% of the budget
 SCHEDULES = ("static", "progressive")
 POLICIES = ("complexity", "uniform")
 _OVERRIDABLE = ("s_min", "gamma", "drop_quantile", "keep_min")
@@ -222,7 +223,7 @@ def _effective_beta(beta: float, budget: float, weighting: bool) -> float:
 
 
 def _solve(ranks: np.ndarray, budget: float, rule: _Rule) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(scale, keep_prob, parameters) with predicted cost == budget (SPEC §1.2 budget solver)."""
+    """(scale, keep_prob, parameters) with predicted cost == budget (docs/method.md#budget-rule)."""
     base, steps = rule.path(ranks)
     end = float(len(steps))
 
@@ -298,7 +299,8 @@ def progressive_scales(budget: float, epochs: int,
 
 @dataclass
 class DataSlimmingPlan:
-    """A training set's data-slimming policy under a budget (SPEC §1.2, §4 plan fields)."""
+    """A training set's data-slimming policy under a budget (docs/method.md#data-policy; its
+    fields: docs/cli.md#plan-json)."""
 
     budget: float
     predicted_cost: float
@@ -380,7 +382,7 @@ class DataSlimmingPlan:
 
     def replan(self, hardness: np.ndarray | Mapping[str, float],
                alpha: float = 0.5) -> DataSlimmingPlan:
-        """Adaptive re-plan (SPEC §1.2): blend complexity rank with hardness rank, same budget.
+        """Adaptive re-plan (docs/method.md#hardness): blend complexity rank with hardness rank, same budget.
 
         ``hardness`` is per image (array in plan order, or id -> value), e.g. an EMA of the
         training loss; NaN or missing images keep their complexity rank. Always blends with the
@@ -410,7 +412,7 @@ class DataSlimmingPlan:
         return self._rebuild(self._ranks(), [int(i) for i in perm])
 
     def to_json(self) -> dict:
-        """SPEC §4 plan fields plus what `from_json` needs for an exact round trip."""
+        """The plan fields (docs/cli.md#plan-json) plus what `from_json` needs for an exact round trip."""
         return {
             "budget": self.budget,
             "predicted_cost": self.predicted_cost,

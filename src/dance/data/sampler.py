@@ -1,4 +1,4 @@
-"""Bucketed batch sampler (SPEC §1.2 batching, §5 determinism and DDP).
+"""Bucketed batch sampler (docs/method.md#data-policy: batching, determinism, DDP).
 
 Each epoch: bucket the images by scale, shuffle within buckets, draw which images are kept (each
 with its keep probability, re-drawn every epoch; systematic sampling, so the number kept per
@@ -28,8 +28,9 @@ def _systematic_draw(keep_prob: np.ndarray, rng: np.random.Generator) -> np.ndar
     """Which items to keep: item i with probability keep_prob[i] (systematic sampling).
 
     One uniform offset walks the cumulative keep probabilities, so the number kept is the
-    expected number rounded up or down: the epoch's realised cost matches the plan (SPEC §1.2,
-    within ±3%) even for small datasets, where independent coin flips would wander.
+    expected number rounded up or down: the epoch's realised cost matches the plan
+    (docs/method.md#data-policy, within ±3%) even for small datasets, where independent coin
+    flips would wander.
     """
     cum = np.cumsum(keep_prob)
     u = rng.random()

@@ -1,4 +1,5 @@
-"""Score every image of a split by spatial complexity, cached (SPEC §1.1; `dance score`, §4).
+"""Score every image of a split by spatial complexity, cached (docs/method.md#complexity-indicators;
+`dance score`: docs/cli.md#dance-score).
 
 One decode per image serves every requested indicator; images are scored in parallel by a
 process pool. The cache is a JSON file keyed by each file's resolved path, size and mtime
@@ -159,7 +160,8 @@ resolve_workers = worker_count
 def score_dataset(dataset, indicators: str | Iterable[str] = ("si",),
                   cache_path: str | os.PathLike | None = None, workers: int | None = None,
                   progress: bool = True, scale: float = 0.5) -> list[ScoreRow]:
-    """Score every sample of ``dataset`` (a SegmentationDataset) by each indicator (SPEC §1.1).
+    """Score every sample of ``dataset`` (a SegmentationDataset) by each indicator
+    (docs/method.md#complexity-indicators).
 
     Returns one row per (sample, indicator), samples in dataset order and indicators in the
     order given. ``scale`` is label_aliasing's round-trip scale. With ``cache_path`` unchanged

@@ -1,11 +1,11 @@
-"""SynthStreets: procedural street scenes in the Cityscapes layout (SPEC §3, the embedded dataset).
+"""SynthStreets: procedural street scenes in the Cityscapes layout (docs/datasets.md#synth).
 
 Each scene is a pinhole view down a street: sky, a road with sidewalks and terrain, building or
 vegetation facades on both sides, and objects (cars, trucks, buses, people, riders, bicycles,
 poles with signs and lights, trees, fences, walls) standing on the ground plane. Every image draws
 a complexity level ``c`` in [0, 1], spread evenly over a split: a low ``c`` gives a few large
 regions, a high ``c`` dozens of small and thin objects and finer facade texture -- so that, as
-on real data, downsampling hurts complex images more (SPEC §1.1, §1.2).
+on real data, downsampling hurts complex images more (docs/method.md#complexity-indicators).
 
 Drawing is vectorised numpy: each shape is a boolean mask over its bounding box (rectangles,
 ellipses, rings, thick segments, trapezoids) and facades are per-column spans computed from the
@@ -83,7 +83,7 @@ def sample_stem(split: str, index: int) -> tuple[str, str]:
 
 
 def sample_paths(root: str | os.PathLike, split: str, index: int) -> tuple[Path, Path]:
-    """Image and label-id mask paths of one sample, in the Cityscapes layout (SPEC §3)."""
+    """Image and label-id mask paths of one sample, in the Cityscapes layout (docs/datasets.md)."""
     city, stem = sample_stem(split, index)
     root = Path(root)
     return (root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
@@ -660,7 +660,7 @@ def _remove_stale(root: Path, counts: dict[str, int]) -> None:
 def generate_synthstreets(out: str | os.PathLike, train: int = 300, val: int = 100, test: int = 0,
                           size: tuple[int, int] = (256, 512), seed: int = 0,
                           workers: int | None = None, progress: bool = True) -> dict:
-    """Write SynthStreets into ``out`` in the Cityscapes layout (SPEC §3) and return a summary.
+    """Write SynthStreets into ``out`` in the Cityscapes layout (docs/datasets.md) and return a summary.
 
     Deterministic: the same parameters give byte-identical files for any ``workers``. When
     ``out`` already holds a complete set for the same parameters (its ``synthstreets.json``

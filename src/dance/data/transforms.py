@@ -1,4 +1,4 @@
-"""Joint image/mask transforms: the train and eval recipes (SPEC §1.2 scales, torchvision v2).
+"""Joint image/mask transforms: the train and eval recipes (docs/method.md#data-policy; torchvision v2).
 
 The train recipe is torchvision's segmentation reference (random scale, pad with ignore, random
 crop, horizontal flip) with one addition: the data plan's downsampling factor ``scale``. A sample
@@ -79,7 +79,7 @@ class TrainTransform:
         # hence every later sample drawn from it) does not depend on the image's size.
         u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
         lo, hi = self.scale_range
-        # One resize for both the augmentation and the plan's scale (SPEC §1.2), done in uint8.
+        # One resize for both the augmentation and the plan's scale, done in uint8.
         factor = (lo + (hi - lo) * u[0]) * scale
         size = [max(1, round(h * factor)), max(1, round(w * factor))]
         if size != [h, w]:

@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §4, §5): ``model.safetensors`` + ``state.json``, no pickle anywhere.
+"""Checkpoints (docs/checkpoints.md): ``model.safetensors`` + ``state.json``, no pickle anywhere.
 
 A checkpoint folder is written whole into a sibling temp folder and swapped in by renames, so a
 kill at any moment leaves either the previous checkpoint or the new one, never a mix. The state

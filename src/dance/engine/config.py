@@ -1,4 +1,4 @@
-"""Run configuration (SPEC §4 config shape): YAML, validated on load, dotted overrides.
+"""Run configuration (docs/cli.md#config): YAML, validated on load, dotted overrides.
 
 A config file may start with ``base: [other.yaml, ...]`` (paths relative to the file); bases are
 merged first, in order, then the file itself, so the ready configs under ``configs/`` share their

@@ -1,4 +1,4 @@
-"""Cost accounting (SPEC §2): wall-clock per phase and energy, every number labelled.
+"""Cost accounting (docs/method.md#cost-accounting): wall-clock per phase and energy, every number labelled.
 
 Energy is *measured* where the machine exposes a counter and *estimated* from FLOPs and bytes
 moved everywhere else; ``EnergyMeter.kind`` says which, and a report must carry that label.
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 #   17 pJ/FLOP, fp32 22 pJ/FLOP (15 TFLOP/s); LR-ASPP-MobileNetV3 bf16 64 pJ/FLOP (5 TFLOP/s);
 #   for scale, a bf16 8192^3 matmul at 662 TFLOP/s costs 1.0 pJ/FLOP. Small models are bound by
 #   launches and memory, not arithmetic; 10 pJ/FLOP sits between the ResNet and MobileNet
-#   numbers, so expect an estimate within about 3x for the models of SPEC §1.4.
+#   numbers, so expect an estimate within about 3x for the built-in models.
 # - cpu (not measured here: no RAPL on the machines we had): a 16-32 core AVX-512/AVX2 server
 #   part peaks near 1-2 TFLOP/s fp32 at 150-250 W (~0.1-0.15 nJ/FLOP); PyTorch convolutions
 #   sustain 30-50 % of that, so about 0.3 nJ/FLOP.

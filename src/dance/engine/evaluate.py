@@ -1,11 +1,12 @@
-"""Evaluation and inference cost (SPEC §1.5, §2, §4 `eval` fields).
+"""Evaluation and inference cost (docs/method.md#cost-accounting, docs/cli.md#eval-json).
 
 * ``evaluate``: mIoU / per-class IoU / pixel accuracy over a dataset split, whole-image or
   sliding-window, optionally at a per-image input resolution; DDP-aware.
 * ``measure_inference``: params, GFLOPs, median latency and peak activation memory of one
   inference at a given input size.
 * ``AdaptiveResolution`` and ``miou_flops_curve``: complexity-guided inference resolution
-  (SPEC §1.5, beyond the paper) and the mIoU-vs-inference-FLOPs curve of the report.
+  (docs/method.md#adaptive-inference-resolution, beyond the paper) and the
+  mIoU-vs-inference-FLOPs curve of the report.
 """
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def evaluate(model: nn.Module, dataset, device: str | torch.device = "cpu", mode
     ``rank::world_size`` and the confusion matrix is all-reduced, so every rank returns the
     same numbers.
 
-    ``resolution`` (SPEC §1.5): a callable ``image (HxWx3 uint8) -> scale``, e.g.
+    ``resolution`` (docs/method.md#adaptive-inference-resolution): a callable
+    ``image (HxWx3 uint8) -> scale``, e.g.
     ``AdaptiveResolution``. The image is resized by that scale (bilinear, antialiased), the
     logits are upsampled back to full size before the argmax, and the result gains
     ``mean_gflops`` (model FLOPs per image at the scaled size; the indicator's own cost, a Sobel
@@ -223,7 +225,7 @@ def _peak_cpu_bytes(net: nn.Module, x: torch.Tensor) -> int:
 def measure_inference(model: nn.Module, input_size: tuple[int, int],
                       device: str | torch.device = "cpu", repeats: int = 20,
                       warmup: int = 3) -> dict:
-    """Inference cost of ``model`` on one image of ``input_size`` (H, W) (SPEC §2, §4 `eval`).
+    """Inference cost of ``model`` on one image of ``input_size`` (H, W) (docs/cli.md#eval-json).
 
     ``params``: parameter count. ``gflops``: ``count_gflops`` at (1, 3, H, W). ``latency_ms``:
     median over ``repeats`` timed forwards after ``warmup`` untimed ones (CUDA synchronised
@@ -265,7 +267,8 @@ def measure_inference(model: nn.Module, input_size: tuple[int, int],
 
 
 class AdaptiveResolution:
-    """Complexity-guided inference resolution (SPEC §1.5, beyond the paper).
+    """Complexity-guided inference resolution, beyond the paper
+    (docs/method.md#adaptive-inference-resolution).
 
     The test image is scored with an image-only indicator; thresholds at the ``quantiles`` of
     the *training* scores split the score range into ``len(scales)`` bands, and the image gets
@@ -340,7 +343,7 @@ def miou_flops_curve(model: nn.Module, dataset, train_scores: np.ndarray,
                      device: str | torch.device = "cpu",
                      settings: Sequence[float | str] = (0.5, 0.75, 1.0, "adaptive"),
                      indicator: str = "si", **evaluate_kwargs) -> list[dict]:
-    """The mIoU-vs-inference-FLOPs curve of the report (SPEC §1.5).
+    """The mIoU-vs-inference-FLOPs curve of the report (docs/method.md#adaptive-inference-resolution).
 
     ``settings``: fixed scales (every image at that scale) and ``"adaptive"``
     (``AdaptiveResolution`` on ``train_scores`` with ``indicator``). One point per setting:
@@ -379,7 +382,7 @@ def eval_fields(model: nn.Module, dataset, device: str | torch.device = "cpu",
                 mode: str = "whole", crop: tuple[int, int] | None = None, amp: bool = False,
                 progress: bool = True, rank: int = 0, world_size: int = 1,
                 resolution: Callable[[np.ndarray], float] | None = None) -> tuple[dict, dict]:
-    """The SPEC §4 `eval` fields of ``model`` on ``dataset`` (accuracy from ``evaluate``, cost
+    """The `eval` fields (docs/cli.md#eval-json) of ``model`` on ``dataset`` (accuracy from ``evaluate``, cost
     from ``measure_inference`` at the dataset's image size), and ``evaluate``'s own result."""
     from dance.data.io import image_size
     res = evaluate(model, dataset, device=device, mode=mode, crop=crop, stride=None, amp=amp,

@@ -1,4 +1,4 @@
-"""`dance eval` and `dance export` on a trained run (SPEC §1.5, §4)."""
+"""`dance eval` and `dance export` on a trained run (docs/cli.md#dance-eval, #dance-export)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The weighted segmentation loss of SPEC §1.2.
+"""The weighted segmentation loss of the data policy (docs/method.md#data-policy).
 
 Per image first (mean cross-entropy over its valid pixels, so a downsampled image is not
 under-weighted by its pixel count), then the weighted mean over images:

@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix (SPEC §4: ``miou``, ``per_class_iou``, ``pixel_acc``).
+"""Segmentation metrics from one confusion matrix (``miou``, ``per_class_iou``, ``pixel_acc``).
 
 A confusion matrix is a sufficient statistic: matrices of disjoint data add up to the matrix of
 all the data, which is what lets DDP ranks ``all_reduce`` (SUM) theirs before computing mIoU.

@@ -1,4 +1,4 @@
-"""Export a (slimmed) model for deployment (SPEC §4 ``dance export``): ONNX or TorchScript, with
+"""Export a (slimmed) model for deployment (docs/checkpoints.md#export): ONNX or TorchScript, with
 dynamic batch, height and width; the file runs without dance (onnxruntime / ``torch.jit.load``).
 The model inside takes RGB floats in [0, 1] shaped (N, 3, H, W) and returns logits (N, C, H, W).
 """

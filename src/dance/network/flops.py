@@ -1,5 +1,6 @@
-"""THE FLOPs counter of dance (SPEC §2: "counted with torch.utils.flop_counter.FlopCounterMode
-per (architecture state, input shape), forward and forward+backward, cached").
+"""THE FLOPs counter of dance (docs/method.md#cost-accounting): counted with
+torch.utils.flop_counter.FlopCounterMode per (architecture state, input shape), forward and
+forward+backward, cached.
 
 Units: GFLOPs = FLOPs / 1e9, where FlopCounterMode counts a multiply-add as 2 FLOPs (fvcore and
 many papers count it as 1 "FLOP", i.e. report MACs: their numbers are half of ours). Only the

@@ -1,4 +1,4 @@
-"""Gated multi-scale modules (SPEC §1.3).
+"""Gated multi-scale modules (docs/method.md#network-slimming).
 
 Every branch of a multi-scale module (an ASPP rate, a pyramid-pooling bin, a resolution stream,
 a context path) has a scalar gate ``g_b`` (init 1) that multiplies its output. Setting a gate to 0
@@ -138,7 +138,7 @@ class GatedBranches(MultiScaleModule):
             self.branch_channels.pop(n, None)
 
 
-# --- Model-level branch API (SPEC §4: dance.branches / dance.remove_branches) -----------------
+# --- Model-level branch API (dance.branches / dance.remove_branches) -----------------
 
 @dataclass
 class BranchInfo:

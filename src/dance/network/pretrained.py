@@ -1,4 +1,4 @@
-"""Pretrained backbones (SPEC §1.4: "from a pretrained backbone (torchvision weights enum or a
+"""Pretrained backbones (docs/cli.md#model: "from a pretrained backbone (torchvision weights enum or a
 local file; offline, a missing download is a clear error, not a hang)").
 
 ``load_backbone_weights(backbone, spec, arch)`` fills ``backbone`` -- an instance of torchvision's

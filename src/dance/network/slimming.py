@@ -1,4 +1,4 @@
-"""Progressive network slimming during training (SPEC §1.3).
+"""Progressive network slimming during training (docs/method.md#network-slimming).
 
 The trainer owns the loop and calls a ``NetworkSlimmer``:
 
@@ -11,13 +11,13 @@ The trainer owns the loop and calls a ``NetworkSlimmer``:
 
 Why removal rests on a measured importance and not on the gates alone: a gate in front of a linear
 projection is absorbed by the projection's weights, so L1 on the gates did not single out any
-branch in the prototype (SPEC §1.3 "Measured so far"). The default ``importance="loss"`` measures
+branch in the prototype (measured on the first prototype). The default ``importance="loss"`` measures
 the rise of the loss on a few held-out training batches when a branch's gate is set to 0, which
 the projection cannot compensate, per GFLOP the branch's removal saves.
 
 The rule at each scheduled point, in this order (each module always keeps at least one branch):
 
-1. gate threshold (SPEC): remove branches whose ``|g_b|`` is below ``gate_threshold`` times the
+1. gate threshold: remove branches whose ``|g_b|`` is below ``gate_threshold`` times the
    largest ``|g|`` of their module;
 2. negligible loss (``importance="loss"`` only): remove, lowest loss rise per GFLOP first,
    branches whose removal keeps the probe loss within ``loss_tolerance`` (default 1%) of the loss
@@ -115,7 +115,7 @@ class _Probe:
 
 
 class NetworkSlimmer:
-    """Cost-aware gate sparsity and scheduled structural branch removal (SPEC §1.3).
+    """Cost-aware gate sparsity and scheduled structural branch removal (docs/method.md#network-slimming).
 
     ``model`` is the model as training starts: its inference GFLOPs at ``input_shape`` are the
     reference ``network_budget`` is a fraction of (restored by ``load_state_dict`` on resume).
@@ -176,7 +176,7 @@ class NetworkSlimmer:
         return self._weights[key]
 
     def sparsity_loss(self, model: nn.Module, mean_scale: float = 1.0) -> torch.Tensor:
-        """``lam * sum_b c_b * |g_b|`` (SPEC §1.3), differentiable w.r.t. the gates."""
+        """``lam * sum_b c_b * |g_b|`` (docs/method.md#network-slimming), differentiable w.r.t. the gates."""
         model = unwrap_model(model)
         if self.lam == 0:  # switched off: skip the FLOPs shares altogether
             return next(model.parameters()).new_zeros(())
@@ -270,7 +270,7 @@ class NetworkSlimmer:
         def removable(name: str) -> bool:
             return name not in chosen and live[table[name]["module"]] > 1
 
-        # 1. gate threshold (SPEC §1.3)
+        # 1. gate threshold
         for name in sorted(table, key=lambda n: table[n]["rel_gate"]):
             if table[name]["rel_gate"] < self.gate_threshold and removable(name):
                 take(name, "gate_threshold")

@@ -1,4 +1,4 @@
-"""`dance compare`: DANCE side by side with what users would otherwise pick (SPEC §4 compare).
+"""`dance compare`: DANCE side by side with what users would otherwise pick (docs/method.md#run-kinds).
 
 Every run shares the config's data, model, epochs and seed; only the data plan and the network
 slimming differ:
@@ -69,7 +69,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(per_seed: dict[str, list[dict]]) -> dict:
-    """Mean (and std over seeds) of every run's metrics; ratios to the baseline (SPEC §4)."""
+    """Mean (and std over seeds) of every run's metrics; ratios to the baseline (docs/cli.md#report-json)."""
     runs = {}
     for kind, ms in per_seed.items():
         agg = dict(ms[0])  # non-numeric fields (per-class IoU, history...) of the first seed

@@ -1,5 +1,6 @@
-"""`dance demo`: the embedded default (SPEC §4). SynthStreets, then baseline vs uniform vs DANCE
-at budget 0.5 on a small model, sized for 2 CPU cores in well under 10 minutes, no network."""
+"""`dance demo`: the embedded default (docs/cli.md#dance-demo). SynthStreets, then baseline vs
+uniform vs DANCE at budget 0.5 on a small model, sized for 2 CPU cores in well under 10 minutes,
+no network."""
 from __future__ import annotations
 
 import sys

@@ -1,6 +1,7 @@
-"""The report's plots (SPEC §5): complexity histogram with the plan, scale distribution, gate
-trajectories with removal points, training cost vs mIoU, mIoU vs inference FLOPs, and baseline vs
-DANCE predictions. Each plot is skipped (not faked) when the runs it needs are not in the compare.
+"""The report's plots (docs/cli.md#dance-compare): complexity histogram with the plan, scale
+distribution, gate trajectories with removal points, training cost vs mIoU, mIoU vs inference
+FLOPs, and baseline vs DANCE predictions. Each plot is skipped (not faked) when the runs it
+needs are not in the compare.
 """
 from __future__ import annotations
 

@@ -1,2 +1,2 @@
-"""Segmentation models with gated multi-scale modules (SPEC §1.4); each file registers its own
-builders with ``dance.network.registry.register_model``."""
+"""Segmentation models with gated multi-scale modules (docs/method.md#network-slimming); each
+file registers its own builders with ``dance.network.registry.register_model``."""

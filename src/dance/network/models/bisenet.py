@@ -1,5 +1,5 @@
 """BiSeNet V1 (Yu et al. 2018) with a ResNet-18 context path whose context branches are gated
-(SPEC §1.3, §1.4).
+(docs/method.md#network-slimming).
 
 * Spatial path: three stride-2 ConvBNReLUs (7x7, 3x3, 3x3; 64 channels) and a 1x1 to 128: 1/8.
 * Context path (ResNet-18 from torchvision): three branches, each a 128-channel map at 1/16,

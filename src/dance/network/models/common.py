@@ -1,5 +1,5 @@
-"""Pieces every dance model shares (SPEC §1.4, §4): input normalisation, logits at input size,
-ConvBNReLU, dilated torchvision backbones.
+"""Pieces every dance model shares (docs/checkpoints.md#loading-a-model-in-python): input
+normalisation, logits at input size, ConvBNReLU, dilated torchvision backbones.
 
 A dance model takes RGB floats in [0, 1] shaped (N, 3, H, W), normalises with the ImageNet
 statistics inside (so exports need no preprocessing), and returns logits (N, C, H, W).

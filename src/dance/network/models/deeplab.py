@@ -1,4 +1,4 @@
-"""DeepLabV3+ (Chen et al. 2018) with a gated ASPP (SPEC §1.3, §1.4).
+"""DeepLabV3+ (Chen et al. 2018) with a gated ASPP (docs/method.md#network-slimming).
 
 Output stride 16: ResNet-50 with its last stage dilated, or MobileNetV2 with its last two
 stride-16/32 stages dilated. ASPP branches at OS 16: ``conv1x1``, ``rate6``, ``rate12``,

@@ -1,5 +1,5 @@
 """HRNet-W18-small with the HRNetV2 segmentation head; its resolution streams are the gated
-branches (SPEC §1.3, §1.4).
+branches (docs/method.md#network-slimming).
 
 Architecture (defaults = HRNet-W18-small-v2, the official HRNet-Semantic-Segmentation
 ``seg_hrnet_w18_small_v2`` / mmseg ``hr18s`` config):

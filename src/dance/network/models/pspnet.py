@@ -1,4 +1,4 @@
-"""PSPNet (Zhao et al. 2017) with gated pyramid-pooling bins (SPEC §1.3, §1.4).
+"""PSPNet (Zhao et al. 2017) with gated pyramid-pooling bins (docs/method.md#network-slimming).
 
 A ResNet-18/50 dilated to output stride 8 feeds the pyramid pooling module: bins 1, 2, 3 and 6
 (adaptive average pool -> 1x1 conv BN ReLU -> bilinear upsample), concatenated with the features

@@ -1,4 +1,4 @@
-"""torchvision's own segmentation models with their multi-scale heads gated (SPEC §1.4).
+"""torchvision's own segmentation models with their multi-scale heads gated (docs/method.md#network-slimming).
 
 * ``deeplabv3_mobilenet_v3_large``, ``deeplabv3_resnet50``: torchvision's ASPP ``convs`` become
   the named branches ``conv1x1``, ``rate12``, ``rate24``, ``rate36`` (torchvision's rates) and
