@@ -17,7 +17,7 @@ from dance.engine import train as train_mod
 from dance.engine.run_folder import describe_diff, fingerprint_diff, locked
 from dance.errors import DanceError
 from dance.report.compare import _recorded_fingerprint
-from tiny import TINY, tiny_synth
+from tiny import TINY, tiny_config, tiny_synth
 
 ONE_EPOCH = [*TINY, "train.epochs=1"]
 
@@ -29,12 +29,8 @@ def synth(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config(synth, tmp_path_factory):
-    f = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    f.write_text(f"dataset: {{name: synth, root: {synth}}}\n"
-                 "model: {name: deeplabv3plus_mbv2}\n"
-                 "data_slimming: {budget: 0.5}\n"
-                 "network_slimming: {enabled: false}\n")
-    return f
+    return tiny_config(tmp_path_factory, synth, "model: {name: deeplabv3plus_mbv2}\n"
+                       "data_slimming: {budget: 0.5}\nnetwork_slimming: {enabled: false}\n")
 
 
 def dance_train(config, out, *extra) -> int:

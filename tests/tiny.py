@@ -10,3 +10,10 @@ def tiny_synth(tmp_path_factory, train: int, val: int, seed: int):
     root = tmp_path_factory.mktemp("synth")
     generate_synthstreets(root, train=train, val=val, size=(64, 128), seed=seed, progress=False)
     return root
+
+
+def tiny_config(tmp_path_factory, root, body: str):
+    """A config file on the tiny SynthStreets at ``root``; ``body`` holds the other sections."""
+    f = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    f.write_text(f"dataset: {{name: synth, root: {root}}}\n" + body)
+    return f

@@ -16,12 +16,17 @@ from typing import Any
 from tqdm import tqdm
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def worker_count(requested: int | None, n_tasks: int) -> int:
     """Processes to use for ``n_tasks`` tasks: ``requested``, or with None every core this
     process may run on (its CPU affinity, else the machine's cores); never more than the tasks
     and at least 1. A result of 1 means: run in this process, without a pool."""
     if requested is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        n = usable_cores()
     else:
         n = requested
     return max(1, min(n, n_tasks))

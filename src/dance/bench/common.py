@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from dance.parallel import usable_cores
+
 
 def machine_info(device: str | torch.device = "cpu") -> dict:
     """What a number was measured on: platform, usable CPUs, load, torch, the CUDA device."""
     device = torch.device(device)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {"platform": platform.platform(), "cpu_count": cpus, "torch": torch.__version__,
+    info = {"platform": platform.platform(), "cpu_count": usable_cores(), "torch": torch.__version__,
             "load_average_start": os.getloadavg()[0], "device": str(device)}
     if device.type == "cuda":
         info["cuda_device"] = torch.cuda.get_device_name(device)
@@ -82,6 +83,16 @@ def synth_dataset(root: Path, train: int, val: int, size: tuple[int, int]):
 def say(message: str) -> None:
     """A progress line on stderr (stdout is for the table or the JSON)."""
     print(f"[dance bench] {message}", file=sys.stderr, flush=True)
+
+
+def cli_runner(bench: Callable[..., dict], format: Callable[[dict], str], *options: str
+               ) -> Callable[[argparse.Namespace], int]:
+    """The ``dance bench NAME`` handler: ``bench`` called with the parsed ``options`` in order,
+    its result printed by ``show``."""
+    def run(args: argparse.Namespace) -> int:
+        return show(args, bench(*(getattr(args, o) for o in options)), format)
+    run.__doc__ = f"``dance bench``: {bench.__name__} with --{', --'.join(options)}."
+    return run
 
 
 def show(args: argparse.Namespace, result: dict, format: Callable[[dict], str]) -> int:

@@ -3,7 +3,6 @@ how well each image-only indicator ranks the damage of downsampling (its Spearma
 with label_aliasing)."""
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from collections.abc import Callable
@@ -11,17 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dance.bench.common import (
-    finish_machine,
-    machine_info,
-    machine_line,
-    markdown_table,
-    say,
-    show,
-    side_by_side,
-    synth_dataset,
-    synth_root,
-)
+from dance.bench import common
 
 
 def _decode_only(path: str) -> tuple[int, ...]:
@@ -42,7 +31,7 @@ def scoring_throughput(dataset, workers: int | None, repeats: int) -> dict[str, 
         return lambda: len(score_dataset(dataset, indicators, workers=workers,
                                          progress=False)) // len(indicators)
 
-    return side_by_side({
+    return common.side_by_side({
         "decode only": lambda: len(list(parallel_map(_decode_only, paths, workers,
                                                      progress=False))),
         "score si": score(("si",)),
@@ -88,15 +77,15 @@ def bench_complexity(n: int = 500, size: tuple[int, int] = (256, 512), workers: 
     must cost little next to the decode every image pays anyway (target: `si` >= 0.8x);
     (b) Spearman rho of each image-only indicator with label_aliasing at scale 0.5."""
     from dance.data.scoring import resolve_workers
-    machine = machine_info("cpu")
-    root = synth_root(data, n, 0, size)
-    dataset, made = synth_dataset(root, n, 0, size)
-    say(f"scoring {len(dataset)} images, {repeats} round(s)")
+    machine = common.machine_info("cpu")
+    root = common.synth_root(data, n, 0, size)
+    dataset, made = common.synth_dataset(root, n, 0, size)
+    common.say(f"scoring {len(dataset)} images, {repeats} round(s)")
     speed = scoring_throughput(dataset, workers, repeats)
     decode = speed["decode only"]
     rho = rank_correlations(dataset, workers)
     return {
-        "bench": "complexity", "machine": finish_machine(machine),
+        "bench": "complexity", "machine": common.finish_machine(machine),
         "setup": {"images": len(dataset), "size": list(size), "repeats": repeats,
                   "workers": resolve_workers(workers, len(dataset)), "data": str(root),
                   "data_reused": made["reused"]},
@@ -112,21 +101,18 @@ def _maybe(value: float, spec: str) -> str:
 
 def format_complexity(r: dict) -> str:
     s = r["setup"]
-    speed = markdown_table(["run", "images/s", "vs decode only"], [
+    speed = common.markdown_table(["run", "images/s", "vs decode only"], [
         (name, f"{ips:.1f}", f"{r['ratio_vs_decode'][name]:.2f}×")
         for name, ips in r["images_per_second"].items()])
     rho = sorted(r["spearman_vs_label_aliasing"].items(),
                  key=lambda kv: 0.0 if math.isnan(kv[1]["rho"]) else -abs(kv[1]["rho"]))
-    corr = markdown_table(["indicator", "Spearman ρ", "p-value"], [
+    corr = common.markdown_table(["indicator", "Spearman ρ", "p-value"], [
         (name, _maybe(v["rho"], ".3f"), _maybe(v["p"], ".2g")) for name, v in rho])
     return (f"SynthStreets {s['size'][0]}x{s['size'][1]}, {s['images']} images, "
             f"{s['workers']} worker process(es), cold cache, best of {s['repeats']}.\n"
-            f"{machine_line(r['machine'])}\n\n(a) throughput of `dance score` next to "
+            f"{common.machine_line(r['machine'])}\n\n(a) throughput of `dance score` next to "
             f"decode-only\n\n{speed}\n\n(b) correlation with label_aliasing at scale 0.5\n\n"
             f"{corr}")
 
 
-def run(args: argparse.Namespace) -> int:
-    """``dance bench complexity``: run it, print its tables (or ``--json``)."""
-    result = bench_complexity(args.n, args.size, args.workers, args.data, args.repeats)
-    return show(args, result, format_complexity)
+run = common.cli_runner(bench_complexity, format_complexity, "n", "size", "workers", "data", "repeats")

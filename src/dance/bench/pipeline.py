@@ -3,23 +3,12 @@ next to full scale, and decode alone: whether the data pipeline eats the savings
 downsampling (the image is decoded at full resolution whatever its scale)."""
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 
-from dance.bench.common import (
-    finish_machine,
-    machine_info,
-    machine_line,
-    markdown_table,
-    say,
-    show,
-    side_by_side,
-    synth_dataset,
-    synth_root,
-)
+from dance.bench import common
 from dance.data.plan import DEFAULT_SCALE_SET
 
 
@@ -53,9 +42,9 @@ def bench_pipeline(n: int = 64, size: tuple[int, int] = (256, 512),
     from dance.data.sampler import BucketedBatchSampler
     from dance.data.transforms import TrainTransform
     scale_set = sorted({float(s) for s in scale_set} | {1.0})
-    machine = machine_info("cpu")
-    root = synth_root(data, n, 0, size)
-    dataset, made = synth_dataset(root, n, 0, size)
+    machine = common.machine_info("cpu")
+    root = common.synth_root(data, n, 0, size)
+    dataset, made = common.synth_dataset(root, n, 0, size)
     ids = [s.id for s in dataset.samples]
     transform = TrainTransform(crop)
     plans = {s: uniform_plan(ids, s * s) for s in scale_set}  # every image at scale s
@@ -80,14 +69,14 @@ def bench_pipeline(n: int = 64, size: tuple[int, int] = (256, 512),
 
     runs = {"decode only": lambda: sum(decode_loader)}
     runs.update({repr(s): at_scale(s) for s in scale_set})
-    say(f"{len(dataset)} images at {len(scale_set)} scales, {workers} worker(s), "
+    common.say(f"{len(dataset)} images at {len(scale_set)} scales, {workers} worker(s), "
          f"{repeats} round(s) after a warm-up")
-    side_by_side(runs, 1)  # warm-up: workers started, page cache and kernels warm
-    speed = side_by_side(runs, repeats)
+    common.side_by_side(runs, 1)  # warm-up: workers started, page cache and kernels warm
+    speed = common.side_by_side(runs, repeats)
     full = speed[repr(1.0)]
     full_pixels = shapes[1.0][0] * shapes[1.0][1]
     return {
-        "bench": "pipeline", "machine": finish_machine(machine),
+        "bench": "pipeline", "machine": common.finish_machine(machine),
         "setup": {"images": len(dataset), "size": list(size), "crop": list(crop),
                   "scale_range": list(transform.scale_range), "workers": workers,
                   "batch": batch, "repeats": repeats, "data": str(root),
@@ -110,20 +99,17 @@ def format_pipeline(r: dict) -> str:
     rows += [(f"scale {k}", "x".join(map(str, r["output_size"][k])), f"{ips:.1f}",
               f"{r['ratio_vs_full_scale'][k]:.2f}×", f"{r['pixels_vs_full_scale'][k]:.3f}")
              for k, ips in sorted(r["images_per_second"].items(), key=lambda kv: float(kv[0]))]
-    table = markdown_table(["run", "output HxW", "images/s", "vs scale 1.0",
+    table = common.markdown_table(["run", "output HxW", "images/s", "vs scale 1.0",
                             "pixels vs scale 1.0"], rows)
     return (f"Data pipeline (decode + augment + collate, no model): SynthStreets {h}x{w}, "
             f"{s['images']} images, crop {s['crop'][0]}x{s['crop'][1]}, random scale "
             f"{s['scale_range'][0]:g}-{s['scale_range'][1]:g}, batch {s['batch']}, "
             f"{s['workers']} worker(s), best of {s['repeats']} alternating rounds.\n"
-            f"{machine_line(r['machine'])}\n\n{table}\n\n"
+            f"{common.machine_line(r['machine'])}\n\n{table}\n\n"
             f"Decoding alone runs at {r['decode_only_ratio_vs_full_scale']:.2f}× the full-scale "
             f"pipeline: no scale can make the data pipeline faster than that, while the "
             f"model's work falls with the pixels.")
 
 
-def run(args: argparse.Namespace) -> int:
-    """``dance bench pipeline``: run it, print its table (or ``--json``)."""
-    result = bench_pipeline(args.n, args.size, args.crop, args.workers, args.batch, args.repeats,
-                            args.data)
-    return show(args, result, format_pipeline)
+run = common.cli_runner(bench_pipeline, format_pipeline, "n", "size", "crop", "workers", "batch",
+                 "repeats", "data")

@@ -2,22 +2,13 @@
 epochs and seed: images/s, wall time, training FLOPs, energy, inference FLOPs and mIoU."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
-from dance.bench.common import (
-    finish_machine,
-    machine_info,
-    machine_line,
-    markdown_table,
-    say,
-    show,
-    synth_root,
-)
+from dance.bench import common
 
 TRAIN_FIELDS = ("miou", "images_per_second", "train_seconds", "train_gflops_total",
                 "energy_joules", "energy_kind", "planned_cost", "realised_cost", "gflops",
@@ -44,7 +35,7 @@ def _train_both(base, out: str | os.PathLike | None, progress: bool,
     with (nullcontext(out) if out is not None else
           tempfile.TemporaryDirectory(prefix="dance-bench-train-")) as folder:
         for label, kind in (("plain", "baseline"), ("dance", "dance")):
-            say(f"training the {label} run ({what})")
+            common.say(f"training the {label} run ({what})")
             metrics = train(run_config(base, kind, base.train.seed), Path(folder) / label,
                             progress=progress)
             per_kind[kind] = [metrics]
@@ -66,10 +57,10 @@ def bench_train(model: str = "deeplabv3plus_mbv2", size: tuple[int, int] = (128,
     from dance.engine.runtime import pick_device
     from dance.fileio import atomic_write_json, jsonable
     from dance.report.compare import aggregate
-    machine = machine_info(pick_device(device))
+    machine = common.machine_info(pick_device(device))
     options = default_model_options(model) if model_options is None else dict(model_options)
     root = (Path(data) if data is not None else Path(out) / "data" if out is not None
-            else synth_root(None, train_images, val_images, size))
+            else common.synth_root(None, train_images, val_images, size))
     generate_synthstreets(root, train=train_images, val=val_images, size=size, seed=0,
                           progress=True)
     base = config_from_dict({
@@ -86,7 +77,7 @@ def bench_train(model: str = "deeplabv3plus_mbv2", size: tuple[int, int] = (128,
     ratios = {"images_per_second": dance["images_per_second"] / plain["images_per_second"],
               **{k: v for k, v in report["ratios"]["dance"].items() if k != "within_noise"}}
     result = jsonable({
-        "bench": "train", "machine": finish_machine(machine),
+        "bench": "train", "machine": common.finish_machine(machine),
         "setup": {"model": model, "model_options": options, "size": list(size),
                   "train": train_images, "val": val_images, "epochs": epochs, "batch": batch,
                   "workers": workers, "budget": budget, "data": str(root),
@@ -111,7 +102,7 @@ def format_train(r: dict) -> str:
                  f"{q['train_seconds']:.2f}×", f"{q['train_gflops']:.2f}×",
                  f"{q['energy_joules']:.2f}×", "", f"{q['infer_gflops']:.2f}×",
                  f"{q['miou_delta']:+.2f}"))
-    table = markdown_table(["run", "images/s", "train s", "train GFLOPs", "energy J",
+    table = common.markdown_table(["run", "images/s", "train s", "train GFLOPs", "energy J",
                             "realised / planned cost", "infer GFLOPs", "mIoU"], rows)
     removed = ", ".join(r["dance"]["removed_branches"]) or "none"
     # where the wall time went: a saving of FLOPs need not be one of seconds (new shapes,
@@ -122,13 +113,9 @@ def format_train(r: dict) -> str:
     return (f"{s['model']}{opts} on SynthStreets {s['size'][0]}x{s['size'][1]}, "
             f"{s['train']} images x {s['epochs']} epochs, batch {s['batch']}, "
             f"{s['workers']} loader worker(s); DANCE at budget {s['budget']:g} with network "
-            f"slimming (removed: {removed}).\n{machine_line(r['machine'])}\n\n{table}\n\n"
+            f"slimming (removed: {removed}).\n{common.machine_line(r['machine'])}\n\n{table}\n\n"
             f"Seconds by phase: {phases}.")
 
 
-def run(args: argparse.Namespace) -> int:
-    """``dance bench train``: train both runs, print their table (or ``--json``)."""
-    result = bench_train(args.model, args.size, args.train, args.val, args.epochs, args.batch,
-                         args.device, args.workers, args.out, args.data, args.model_options,
-                         args.budget)
-    return show(args, result, format_train)
+run = common.cli_runner(bench_train, format_train, "model", "size", "train", "val", "epochs", "batch",
+                 "device", "workers", "out", "data", "model_options", "budget")

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dance.data.complexity import INDICATORS
-from dance.data.datasets import DATASETS
+from dance.data.datasets import DATASETS, SPLITS
 from dance.errors import DanceError
 
 
@@ -27,8 +27,8 @@ class _Strict(BaseModel):
 class DatasetConfig(_Strict):
     name: Literal[DATASETS] = "synth"
     root: str = "data/synth"
-    train_split: Literal["train", "val", "test"] = "train"
-    val_split: Literal["train", "val", "test"] = "val"
+    train_split: Literal[SPLITS] = "train"
+    val_split: Literal[SPLITS] = "val"
 
 
 class ModelConfig(_Strict):
