@@ -108,3 +108,57 @@ def test_run_kinds_and_bad_input():
     assert not cfg.network_slimming.enabled
     cfg = run_config(RunConfig(), "network", seed=0)
     assert not cfg.data_slimming.enabled and cfg.network_slimming.enabled
+
+
+def test_short_runs_fewer_steps_with_the_schedule_compressed(compared):
+    out, _ = compared
+    base, short = (json.loads((out / "runs" / k / "metrics.json").read_text())
+                   for k in ("baseline", "short"))
+    budget = short["fingerprint"]["config"]["train"]["steps_fraction"]
+    assert budget == 0.5  # the compare's budget (the default)
+    assert short["history"][-1]["step"] == pytest.approx(budget * base["history"][-1]["step"],
+                                                          abs=1)
+    assert short["planned_cost"] == pytest.approx(budget)
+    assert abs(short["realised_cost"] - budget) <= 0.03 * budget
+    assert short["train_gflops_total"] / base["train_gflops_total"] == pytest.approx(budget,
+                                                                                     rel=0.03)
+    # its learning rate decays to (almost) zero within the shorter run, as the plain run's does
+    assert short["history"][-1]["lr"] < 0.2 * short["fingerprint"]["config"]["train"]["lr"]
+
+
+def test_verdicts_say_whether_dance_beat_each_alternative_beyond_the_spread():
+    from dance.report.compare import verdicts
+
+    def run(miou, std, seeds=3):
+        return {"miou": miou, "miou_std": std, "seeds": seeds}
+    report = {"runs": {"baseline": run(30, 0.5), "short": run(26, 0.4), "uniform": run(29.0, 0.3),
+                       "dance": run(29.2, 0.2)},
+              "ratios": {k: {"train_gflops": 1.0 if k == "baseline" else 0.5}
+                         for k in ("baseline", "short", "uniform", "dance")}}
+    lines = verdicts(report)
+    assert lines[0].startswith("DANCE vs baseline: -0.80 mIoU at 0.50× vs 1.00×")
+    assert lines[0].endswith("lost to it beyond the seed spread (±0.50)")
+    assert lines[1].endswith("beat it beyond the seed spread (±0.40)")
+    assert lines[2].endswith("within the seed spread (±0.30)")
+    report["runs"]["dance"]["seeds"] = 1
+    assert all("one seed" in line for line in verdicts(report))
+
+
+def test_saturation_trains_the_plain_recipe_at_half_once_and_twice_its_epochs(compared, capsys):
+    out, root = compared
+    cfg = json.loads((out / "runs" / "baseline" / "metrics.json").read_text())["fingerprint"]
+    cfg = {**cfg["config"], "train": {**cfg["config"]["train"], "workers": 0}}
+    import yaml
+    f = out.parent / "sat.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    sat = out.parent / "sat"
+    assert main(["compare", "--config", str(f), "--saturation", "--out", str(sat), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    result = json.loads((sat / "saturation.json").read_text())
+    assert [r["epochs"] for r in result["rows"]] == [1, 2, 4]
+    assert result["gain_2x"] == pytest.approx(result["rows"][2]["miou"] - result["rows"][1]["miou"])
+    assert result["converged"] == (result["gain_2x"] < 1.0)
+    assert "Twice the epochs gains" in text
+    # the 1x run is the compare's own plain recipe: same fingerprint as its baseline
+    base = json.loads((out / "runs" / "baseline" / "metrics.json").read_text())
+    assert result["rows"][1]["miou"] == pytest.approx(base["miou"], abs=1e-6)

@@ -13,6 +13,7 @@ import traceback
 from dance.data.complexity import INDICATORS
 from dance.data.datasets import DATASETS
 from dance.errors import DanceError
+from dance.report.compare import RUN_KINDS
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -253,9 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "train DANCE side by side with the plain run and the alternatives; write a report")
     p.add_argument("--config", required=True, help="YAML config (sections and keys: docs/cli.md#config)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    p.add_argument("--runs", default="baseline,uniform,progressive,shuffled,data,network,dance",
+    p.add_argument("--runs", default=",".join(RUN_KINDS),
                    help="comma-separated run kinds (baseline is always included)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every run with N seeds")
+    p.add_argument("--saturation", action="store_true",
+                   help="instead: train the plain recipe at 0.5x, 1x and 2x its epochs and say "
+                        "how far the 1x run is from converged")
     p.add_argument("--out", default=None, help="report folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

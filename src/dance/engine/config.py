@@ -62,6 +62,9 @@ class TrainConfig(_Strict):
     eval_crop: tuple[int, int] | None = None  # sliding window; default: the training crop
     eval_every: int = Field(0, ge=0)  # epochs between validations during training; 0 = end only
     on_bad_sample: Literal["error", "skip"] = "error"
+    # train this fraction of the recipe's optimizer steps (fractional epochs allowed), the
+    # learning-rate schedule compressed to span them: the "short" run kind of compare
+    steps_fraction: float = Field(1.0, gt=0, le=1)
 
     @field_validator("crop", "eval_crop")
     @classmethod

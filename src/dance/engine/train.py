@@ -10,6 +10,7 @@ Read ``train`` first: it is the method, top to bottom. ``train_one_epoch`` is on
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -83,7 +84,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
         run.meter.start()
         t_start = time.perf_counter() - state.wall_seconds
-        for epoch in range(state.epoch, tc.epochs):
+        for epoch in range(state.epoch, math.ceil(horizon_epochs(cfg) - 1e-9)):
             lr, mean_scale = train_one_epoch(run, state, hardness, epoch)
             epoch_loss = end_epoch_hardness(hardness, rt)
             if adapts(cfg) and hardness.filled() is not None:  # re-plan from what is still hard
@@ -92,7 +93,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             state.epoch, state.wall_seconds = epoch + 1, time.perf_counter() - t_start
             state.hardness = hardness.to_json()
             val = None
-            if tc.eval_every and (epoch + 1) % tc.eval_every == 0 and epoch + 1 < tc.epochs:
+            if tc.eval_every and (epoch + 1) % tc.eval_every == 0 \
+                    and epoch + 1 < horizon_epochs(cfg):
                 with run.timer.phase("eval"):
                     val = evaluate_run(model, val_ds, cfg, rt, run.show)["miou"]
             record = {"epoch": epoch + 1, "step": state.global_step, "loss": epoch_loss,
@@ -161,18 +163,21 @@ def train_one_epoch(run: Run, state: TrainState, hardness: Hardness, epoch: int
     weights = torch.as_tensor(policy.weight, dtype=torch.float32)
     mean_scale = policy_mean_scale(policy)
     images_this_epoch = sum(len(b) for b in run.sampler.epoch_batches(epoch))
-    full_factor = run.n_images / max(images_this_epoch, 1)  # priced as "every image kept"
+    # priced as the plain run would: every image kept, every epoch of the recipe
+    full_factor = run.n_images / max(images_this_epoch, 1) / tc.steps_fraction
     steps = len(run.sampler)
+    horizon = horizon_epochs(run.cfg)
+    run_steps = min(steps, round((horizon - epoch) * steps))  # a short run stops mid-epoch
     run.ddp_model.train()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not run.show,
-               leave=False, file=sys.stderr)
+    bar = tqdm(total=run_steps, desc=f"epoch {epoch + 1}/{math.ceil(horizon)}",
+               disable=not run.show, leave=False, file=sys.stderr)
     it, lr = iter(run.loader), tc.lr
-    for i in range(steps):
+    for i in range(run_steps):
         with run.timer.phase("data"):
             batch = next(it)
         raise_batch_errors(batch)
         state.skipped.update(batch.get("skipped", []))
-        lr = poly_lr(run.cfg, (epoch + i / steps) / tc.epochs)
+        lr = poly_lr(run.cfg, (epoch + i / steps) / horizon)
         for g in run.optimizer.param_groups:
             g["lr"] = lr
         bar.update(1)
@@ -189,7 +194,7 @@ def train_one_epoch(run: Run, state: TrainState, hardness: Hardness, epoch: int
         if run.tb is not None:
             run.tb.scalars(state.global_step, **{"train/loss": loss_value, "train/lr": lr,
                                                  "train/scale": scale})
-        progress_now = (epoch + (i + 1) / steps) / tc.epochs
+        progress_now = (epoch + (i + 1) / steps) / horizon
         if run.slimmer is not None and run.slimmer.due(progress_now):
             with run.timer.phase("prune"):
                 prune_now(run, state, progress_now)
@@ -314,6 +319,12 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     if gates:
         groups.append({"params": gates, "weight_decay": 0.0})
     return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+
+
+def horizon_epochs(cfg: RunConfig) -> float:
+    """How many epochs the run trains: the recipe's, or a fraction of them (``short`` runs,
+    whose learning-rate schedule spans the shorter run: docs/method.md#run-kinds)."""
+    return cfg.train.epochs * cfg.train.steps_fraction
 
 
 def poly_lr(cfg: RunConfig, progress: float) -> float:
@@ -475,7 +486,7 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "wall_seconds": wall_seconds,
         "energy_joules": run.meter.joules,
         "energy_kind": run.meter.kind,
-        "planned_cost": plan0.predicted_cost,
+        "planned_cost": plan0.predicted_cost * run.cfg.train.steps_fraction,
         "realised_cost": train_gflops / max(full_gflops, 1e-12),
         "removed_branches": list(model.dance_arch.removed),
         "skipped_samples": len(state.skipped),

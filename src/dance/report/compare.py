@@ -1,11 +1,14 @@
-"""`dance compare`: DANCE side by side with what users would otherwise pick (docs/method.md#run-kinds).
+"""`dance compare`: DANCE side by side with what users would otherwise pick
+(docs/method.md#run-kinds).
 
-Every run shares the config's data, model, epochs and seed; only the data plan and the network
-slimming differ:
+Every run shares the config's data, model, epochs and seed; only the data plan, the length of
+the schedule and the network slimming differ:
 
 | run         | data plan                                         | network slimming |
 |-------------|---------------------------------------------------|------------------|
 | baseline    | plain (every image, full scale)                   | off              |
+| short       | plain, for budget x the baseline's steps; its LR  | off              |
+|             | schedule spans the shorter run                    |                  |
 | uniform     | every image at sqrt(budget)                       | off              |
 | progressive | one scale per epoch, growing, equal total FLOPs   | off              |
 | shuffled    | DANCE's plan permuted across images (no guidance) | off              |
@@ -27,7 +30,7 @@ from dance.engine.run_folder import describe_diff, fingerprint_diff, locked, run
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json, atomic_write_text, jsonable
 
-RUN_KINDS = ("baseline", "uniform", "progressive", "shuffled", "data", "network", "dance")
+RUN_KINDS = ("baseline", "short", "uniform", "progressive", "shuffled", "data", "network", "dance")
 RATIO_FIELDS = {"train_gflops": "train_gflops_total", "infer_gflops": "gflops",
                 "train_seconds": "train_seconds", "energy_joules": "energy_joules"}
 SUMMARY_FIELDS = ("miou", "pixel_acc", "train_gflops_total", "train_seconds", "energy_joules",
@@ -47,6 +50,8 @@ def run_config(base: RunConfig, kind: str, seed: int) -> RunConfig:
         cfg.data_slimming.policy = kind if kind in ("uniform", "progressive", "shuffled") \
             else "dance"
     cfg.network_slimming.enabled = kind in ("network", "dance")
+    if kind == "short":  # training for fewer steps: the first thing a user would try
+        cfg.train.steps_fraction = cfg.data_slimming.budget
     return cfg
 
 
@@ -208,6 +213,30 @@ def summary_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def verdicts(report: dict) -> list[str]:
+    """One line per alternative: did DANCE beat it beyond the spread over seeds?"""
+    runs = report["runs"]
+    if "dance" not in runs:
+        return []
+    d, ratios = runs["dance"], report["ratios"]
+    lines = []
+    for kind in (k for k in runs if k != "dance"):
+        r = runs[kind]
+        delta = d["miou"] - r["miou"]
+        spread = max(d.get("miou_std", 0.0), r.get("miou_std", 0.0))
+        if d["seeds"] < 2 or r["seeds"] < 2:
+            verdict = "one seed, so no spread to judge by (seeds move short runs by 2-3 points)"
+        elif abs(delta) <= spread:
+            verdict = f"within the seed spread (±{spread:.2f})"
+        else:
+            verdict = f"{'beat' if delta > 0 else 'lost to'} it beyond the seed spread " \
+                      f"(±{spread:.2f})"
+        lines.append(f"DANCE vs {kind}: {delta:+.2f} mIoU at {ratios['dance']['train_gflops']:.2f}× "
+                     f"vs {ratios[kind]['train_gflops']:.2f}× the plain run's training FLOPs: "
+                     f"{verdict}")
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [
@@ -223,6 +252,8 @@ def render_markdown(report: dict) -> str:
         f"{_energy_kind(report)}.",
         "",
         summary_table(report),
+        "",
+        *[f"- {v}" for v in verdicts(report)],
         "",
     ]
     if report["seeds"] > 1:
@@ -258,7 +289,58 @@ def cli_compare(args) -> int:
     if args.seeds < 1:
         raise DanceError(f"--seeds must be at least 1, got {args.seeds}")
     out = Path(args.out) if args.out else Path("runs") / "compare"
+    if args.saturation:
+        result = saturation(cfg, out, seeds=args.seeds, progress=not args.quiet)
+        print(saturation_table(result))
+        print(f"saturation: {out / 'saturation.json'}")
+        return 0
     report = compare(cfg, runs, out, seeds=args.seeds, progress=not args.quiet)
     print(summary_table(report))
+    print("\n".join(verdicts(report)))
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+SATURATION_FACTORS = (0.5, 1.0, 2.0)
+CONVERGED_GAIN = 1.0  # mIoU points the 2x run may gain over the 1x run for "near converged"
+
+
+def saturation(cfg: RunConfig, out_dir: str | Path, seeds: int = 1,
+               progress: bool = True) -> dict:
+    """The plain recipe at 0.5x, 1x and 2x its epochs (same seeds): how far the 1x run is from
+    converged. Cutting compute from a run that is still learning fast costs accuracy whatever
+    the method, so a claim needs a recipe whose 2x run gains under ``CONVERGED_GAIN``."""
+    out_dir = Path(out_dir)
+    with locked(out_dir):
+        rows = []
+        for factor in SATURATION_FACTORS:
+            epochs = max(1, round(cfg.train.epochs * factor))
+            per_seed = []
+            for s in range(seeds):
+                run = run_config(cfg, "baseline", cfg.train.seed + s)
+                run.train.epochs = epochs
+                name = f"baseline-{epochs}ep" + (f"-seed{run.train.seed}" if seeds > 1 else "")
+                m, _ = reuse_or_train(run, out_dir / "runs" / name, out_dir / "scores.cache.json",
+                                      progress, f"plain at {epochs} epochs (seed {run.train.seed})")
+                per_seed.append(m)
+            miou, std = _mean_std([m["miou"] for m in per_seed])
+            seconds, _ = _mean_std([m["train_seconds"] for m in per_seed])
+            rows.append({"factor": factor, "epochs": epochs, "miou": miou, "miou_std": std,
+                         "per_seed_miou": [m["miou"] for m in per_seed],
+                         "train_seconds": seconds})
+        gain = rows[2]["miou"] - rows[1]["miou"]
+        result = {"config": cfg.to_dict(), "seeds": seeds, "rows": rows, "gain_2x": gain,
+                  "converged": bool(gain < CONVERGED_GAIN)}
+        atomic_write_json(out_dir / "saturation.json", jsonable(result))
+    return result
+
+
+def saturation_table(result: dict) -> str:
+    rows = ["| epochs | × recipe | mIoU | train s |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        rows.append(f"| {r['epochs']} | {r['factor']:g}× | "
+                    f"{_pm(r['miou'], r['miou_std'], result['seeds'])} | {r['train_seconds']:.0f} |")
+    verdict = ("near converged" if result["converged"] else "still learning: a cut in compute "
+               "will cost accuracy whatever the method")
+    return "\n".join(rows) + (f"\n\nTwice the epochs gains {result['gain_2x']:+.2f} mIoU: "
+                              f"{verdict} (rule: under {CONVERGED_GAIN:g}).")

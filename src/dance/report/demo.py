@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from dance.engine.config import config_from_dict
-from dance.report.compare import compare, summary_table
+from dance.report.compare import compare, summary_table, verdicts
 
 # One small, fixed recipe: the demo shows the method, it is not tuned to it.
 DEMO_DATA = {"train": 240, "val": 60, "size": (128, 256), "seed": 0}
@@ -20,7 +20,7 @@ DEMO_CONFIG = {
     "data_slimming": {"enabled": True, "indicator": "si", "budget": 0.5},
     "network_slimming": {"enabled": True},
 }
-DEMO_RUNS = ["baseline", "uniform", "dance"]
+DEMO_RUNS = ["baseline", "short", "uniform", "dance"]
 
 
 def run_demo(out: str | Path, progress: bool = True) -> dict:
@@ -40,6 +40,7 @@ def run_demo(out: str | Path, progress: bool = True) -> dict:
 def cli_demo(args) -> int:
     report = run_demo(args.out, progress=not args.quiet)
     print(summary_table(report))
+    print("\n".join(verdicts(report)))
     print(f"demo finished in {report['demo_seconds']:.0f} s; report: "
           f"{Path(args.out) / 'report.md'}", file=sys.stdout)
     return 0
