@@ -119,7 +119,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
         prefix = f"optim/{name}/"
         for k, v in tensors.items():
             if k.startswith(prefix):
-                st[k[len(prefix):]] = v.to(p.device)
+                key = k[len(prefix):]
+                # Adam's step count stays on the CPU (as torch keeps it unless capturable)
+                st[key] = v if key == "step" and v.dim() == 0 else v.to(p.device)
         if st:
             optimizer.state[p] = st
 

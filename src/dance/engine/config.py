@@ -54,6 +54,9 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: betas (0.9, 0.999), decoupled decay
+    lr_schedule: Literal["poly", "cosine", "linear"] = "poly"  # decay to 0 over the run
+    warmup_fraction: float = Field(0.0, ge=0, lt=0.5)  # linear warm-up share of the run's steps
     seed: int = 0
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU

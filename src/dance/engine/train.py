@@ -177,7 +177,7 @@ def train_one_epoch(run: Run, state: TrainState, hardness: Hardness, epoch: int
             batch = next(it)
         raise_batch_errors(batch)
         state.skipped.update(batch.get("skipped", []))
-        lr = poly_lr(run.cfg, (epoch + i / steps) / horizon)
+        lr = scheduled_lr(run.cfg, (epoch + i / steps) / horizon)
         for g in run.optimizer.param_groups:
             g["lr"] = lr
         bar.update(1)
@@ -318,6 +318,8 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     groups = [{"params": [p for _, p in rest], "weight_decay": cfg.train.weight_decay}]
     if gates:
         groups.append({"params": gates, "weight_decay": 0.0})
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.train.lr)
     return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
 
 
@@ -327,8 +329,18 @@ def horizon_epochs(cfg: RunConfig) -> float:
     return cfg.train.epochs * cfg.train.steps_fraction
 
 
-def poly_lr(cfg: RunConfig, progress: float) -> float:
-    return cfg.train.lr * max(0.0, 1.0 - progress) ** cfg.train.poly_power
+def scheduled_lr(cfg: RunConfig, progress: float) -> float:
+    """The learning rate at ``progress`` (0..1) of the run: a linear warm-up over
+    ``warmup_fraction``, then poly, cosine or linear decay to zero at the end."""
+    tc = cfg.train
+    if progress < tc.warmup_fraction:
+        return tc.lr * (progress + 1e-3) / tc.warmup_fraction
+    t = min(1.0, (progress - tc.warmup_fraction) / (1.0 - tc.warmup_fraction))
+    if tc.lr_schedule == "cosine":
+        return tc.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if tc.lr_schedule == "linear":
+        return tc.lr * (1.0 - t)
+    return tc.lr * (1.0 - t) ** tc.poly_power
 
 
 def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: NetworkSlimmer | None,
