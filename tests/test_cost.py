@@ -211,3 +211,13 @@ def test_phase_timer_sums_each_phase():
     assert 0.04 <= seconds["data"] < 0.5
     assert 0.10 <= seconds["forward_backward"] < 0.6
     assert seconds["eval"] < 0.1
+
+
+def test_a_run_off_its_plan_says_why_in_numbers():
+    from dance.engine.cost import CostLedger
+    on = CostLedger(train_gflops=50.5, full_gflops=100.0, train_mpixels=5.0, full_mpixels=10.0)
+    assert on.off_plan(0.5) is None
+    off = CostLedger(train_gflops=52.9, full_gflops=100.0, train_mpixels=5.0, full_mpixels=10.0)
+    note = off.off_plan(0.5)
+    assert note.startswith("realised cost 0.529 is +5.8% off the plan 0.500")
+    assert "in input pixels it is 0.500 (+0.0%" in note and "1.058x what pixels predict" in note

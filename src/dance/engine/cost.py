@@ -268,6 +268,10 @@ class CostLedger:
     full_gflops: float = 0.0
     images_seen: int = 0
     accounting_seconds: float = 0.0
+    # the same two totals in input pixels: where FLOPs and pixels part, the shapes are to blame
+    # (strided layers round small inputs up), where pixels and the plan part, the sampling is
+    train_mpixels: float = 0.0
+    full_mpixels: float = 0.0
 
     def add_step(self, model: torch.nn.Module, batch_shape: tuple[int, ...],
                  full_hw: tuple[int, int], full_factor: float) -> None:
@@ -278,10 +282,29 @@ class CostLedger:
         self.full_gflops += count_gflops(model, (1, 3, *full_hw), backward=True) * n * full_factor
         self.accounting_seconds += time.perf_counter() - t0
         self.images_seen += n
+        self.train_mpixels += n * h * w / 1e6
+        self.full_mpixels += n * full_hw[0] * full_hw[1] * full_factor / 1e6
 
     @property
     def realised_cost(self) -> float:
         return self.train_gflops / max(self.full_gflops, 1e-12)
+
+    @property
+    def realised_pixel_cost(self) -> float:
+        return self.train_mpixels / max(self.full_mpixels, 1e-12)
+
+    def off_plan(self, planned: float, tolerance: float = 0.03) -> str | None:
+        """Why the realised cost misses ``planned`` by more than ``tolerance`` (relative), in
+        numbers; None when it lands."""
+        realised, pixels = self.realised_cost, self.realised_pixel_cost
+        if planned <= 0 or abs(realised / planned - 1) <= tolerance:
+            return None
+        return (f"realised cost {realised:.3f} is {realised / planned - 1:+.1%} off the plan "
+                f"{planned:.3f}: in input pixels it is {pixels:.3f} ({pixels / planned - 1:+.1%}: "
+                f"crops rounded to multiples of 8 pixels, and the sampling, e.g. small scale "
+                f"buckets padded to whole batches), and FLOPs at "
+                f"the trained shapes are {realised / max(pixels, 1e-12):.3f}x what pixels "
+                f"predict (strided layers round small inputs up)")
 
 
 class PhaseTimer:

@@ -16,6 +16,7 @@ from dance.engine.cost import CostLedger
 from dance.errors import DanceError
 
 _LEDGER_FIELDS = ("train_gflops", "full_gflops", "images_seen", "accounting_seconds")
+_LEDGER_OPTIONAL = ("train_mpixels", "full_mpixels")  # absent from older checkpoints
 
 
 @dataclass
@@ -35,7 +36,7 @@ class TrainState:
     def to_json(self) -> dict:
         return {
             "epoch": self.epoch, "global_step": self.global_step,
-            **{k: getattr(self.ledger, k) for k in _LEDGER_FIELDS},
+            **{k: getattr(self.ledger, k) for k in (*_LEDGER_FIELDS, *_LEDGER_OPTIONAL)},
             "wall_seconds": self.wall_seconds, "hardness": list(self.hardness),
             "skipped": sorted(self.skipped), "history": list(self.history),
             "prune_events": list(self.prune_events), "plan": self.plan.to_json(), "phases": dict(self.phases),
@@ -54,7 +55,8 @@ class TrainState:
             raise DanceError(f"{source}: train_state lacks {', '.join(missing)}")
         return cls(plan=DataSlimmingPlan.from_json(d["plan"]), hardness=list(d["hardness"]),
                    epoch=int(d["epoch"]), global_step=int(d["global_step"]),
-                   ledger=CostLedger(**{k: d[k] for k in _LEDGER_FIELDS}),
+                   ledger=CostLedger(**{k: d[k] for k in _LEDGER_FIELDS},
+                                     **{k: d[k] for k in _LEDGER_OPTIONAL if k in d}),
                    wall_seconds=float(d["wall_seconds"]), skipped=set(d["skipped"]),
                    history=list(d["history"]), prune_events=list(d["prune_events"]),
                    phases=dict(d.get("phases", {})),

@@ -489,6 +489,10 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         run.meter.add_estimate(train_gflops)
     train_seconds = wall_seconds - ledger.accounting_seconds
     h, w = run.cfg.train.crop
+    planned = plan0.predicted_cost * run.cfg.train.steps_fraction
+    cost_note = ledger.off_plan(planned)
+    if cost_note and run.rt.is_main:
+        print(f"dance train: warning: {cost_note}", file=sys.stderr)
     return {
         **val_metrics,
         "train_gflops_total": train_gflops,
@@ -498,8 +502,10 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "wall_seconds": wall_seconds,
         "energy_joules": run.meter.joules,
         "energy_kind": run.meter.kind,
-        "planned_cost": plan0.predicted_cost * run.cfg.train.steps_fraction,
+        "planned_cost": planned,
         "realised_cost": train_gflops / max(full_gflops, 1e-12),
+        "realised_pixel_cost": ledger.realised_pixel_cost,
+        "cost_note": cost_note,
         "removed_branches": list(model.dance_arch.removed),
         "skipped_samples": len(state.skipped),
         "skipped_files": sorted(state.skipped),

@@ -160,7 +160,8 @@ def reuse_or_train(cfg: RunConfig, folder: Path, score_cache: Path, progress: bo
                   f"in {previous})", file=sys.stderr)
     if not what.startswith("retrained"):
         print(f"[compare] {label}: {what} -> {folder}", file=sys.stderr)
-    return train(cfg, folder, resume=True, progress=progress, score_cache=score_cache), what
+    return train(cfg, folder, resume=what == "resumed", progress=progress,
+                 score_cache=score_cache), what
 
 
 _NONE = object()  # the folder holds no run at all
