@@ -105,3 +105,19 @@ def test_bad_arguments_are_rejected(sample):
         TrainTransform((0, 64))
     with pytest.raises(ValueError, match="mask shape"):
         EvalTransform()(sample[0], sample[1][:10])
+
+
+def test_jitter_that_follows_the_scale_is_weaker_on_downsampled_images():
+    """A fixed 2x jitter becomes 1.5x at plan scale 0.5: the crop then covers 4/3 as many
+    source columns as without (the field of view the plan asked for, enlarged less)."""
+    ramp = np.tile(np.arange(256, dtype=np.uint8), (64, 1))  # column index as the mask value
+    image = np.repeat(ramp[..., None], 3, -1)
+
+    def columns_seen(follow: bool, scale: float) -> int:
+        t = TrainTransform((32, 64), scale_range=(2.0, 2.0), hflip=0.0, jitter_follows_scale=follow)
+        mask = t(image, ramp, scale=scale, generator=gen(0))[1]
+        return int(mask[0].max() - mask[0].min()) + 1
+
+    assert columns_seen(False, 0.5) == pytest.approx(32, abs=1)
+    assert columns_seen(True, 0.5) == pytest.approx(32 * 4 / 3, abs=1)
+    assert columns_seen(True, 1.0) == columns_seen(False, 1.0) == pytest.approx(32, abs=1)

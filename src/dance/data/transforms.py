@@ -58,7 +58,8 @@ class TrainTransform:
     """
 
     def __init__(self, crop: tuple[int, int], scale_range: tuple[float, float] = (0.5, 2.0),
-                 hflip: float = 0.5, ignore_index: int = IGNORE_INDEX):
+                 hflip: float = 0.5, ignore_index: int = IGNORE_INDEX,
+                 jitter_follows_scale: bool = False):
         if len(crop) != 2 or min(crop) <= 0:
             raise ValueError(f"crop must be (height, width) > 0, got {crop}")
         if not 0 < scale_range[0] <= scale_range[1]:
@@ -69,6 +70,8 @@ class TrainTransform:
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.hflip = float(hflip)
         self.ignore_index = int(ignore_index)
+        # EfficientNetV2's progressive learning: weaker scale jitter on downsampled images
+        self.jitter_follows_scale = bool(jitter_follows_scale)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, scale: float = 1.0,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +82,8 @@ class TrainTransform:
         # hence every later sample drawn from it) does not depend on the image's size.
         u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
         lo, hi = self.scale_range
+        if self.jitter_follows_scale and scale < 1:  # the range shrinks towards 1 with the scale
+            lo, hi = 1 - (1 - lo) * scale, 1 + (hi - 1) * scale
         # One resize for both the augmentation and the plan's scale, done in uint8.
         factor = (lo + (hi - lo) * u[0]) * scale
         size = [max(1, round(h * factor)), max(1, round(w * factor))]

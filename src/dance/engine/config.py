@@ -50,6 +50,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     crop: tuple[int, int] = (128, 256)
     scale_range: tuple[float, float] = (0.5, 2.0)  # random-scale augmentation
+    jitter_follows_scale: bool = False  # at data-plan scale s, the range shrinks towards 1 by s
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)

@@ -389,8 +389,9 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
     if saved is not None:
         tensors, saved_state = saved
         ckpt.load_optimizer_state(optimizer, model, tensors, saved_state["optimizer"])
-    data = PlannedDataset(train_ds, TrainTransform(tuple(tc.crop), tuple(tc.scale_range)),
-                          seed=tc.seed, on_bad_sample=tc.on_bad_sample)
+    transform = TrainTransform(tuple(tc.crop), tuple(tc.scale_range),
+                               jitter_follows_scale=tc.jitter_follows_scale)
+    data = PlannedDataset(train_ds, transform, seed=tc.seed, on_bad_sample=tc.on_bad_sample)
     sampler = BucketedBatchSampler(state.plan, tc.batch_size,
                                    tc.epochs, seed=tc.seed, rank=rt.rank,
                                    world_size=rt.world_size)
