@@ -219,3 +219,15 @@ def test_a_bad_mask_in_a_worker_is_one_line_naming_the_file(tmp_path, capsys):
     err = stderr_lines(capsys)
     assert rc == 1 and len(err) == 1, err
     assert "s05.png" in err[0] and "200" in err[0] and "Traceback" not in err[0], err
+
+
+def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
+    from dance.engine.config import config_from_dict
+    from dance.engine.run_folder import result_config
+    plain = config_from_dict({"data_slimming": {"enabled": False, "budget": 0.3},
+                              "train": {"workers": 7, "jitter_follows_scale": True}}).to_dict()
+    r = result_config(plain)
+    assert r["data_slimming"] == {"enabled": False} and "workers" not in r["train"]
+    assert "jitter_follows_scale" not in r["train"]  # every image at scale 1: no effect
+    slim = config_from_dict({"train": {"jitter_follows_scale": True}}).to_dict()
+    assert result_config(slim)["train"]["jitter_follows_scale"] is True

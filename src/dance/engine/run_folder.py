@@ -51,6 +51,8 @@ def result_config(config: dict) -> dict:
     for part in ("data_slimming", "network_slimming"):
         if part in cfg and not cfg[part].get("enabled", True):
             cfg[part] = {"enabled": False}
+    if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
+        cfg.get("train", {}).pop("jitter_follows_scale", None)
     return cfg
 
 
