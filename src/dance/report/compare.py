@@ -344,4 +344,4 @@ def saturation_table(result: dict) -> str:
     verdict = ("near converged" if result["converged"] else "still learning: a cut in compute "
                "will cost accuracy whatever the method")
     return "\n".join(rows) + (f"\n\nTwice the epochs gains {result['gain_2x']:+.2f} mIoU: "
-                              f"{verdict} (rule: under {CONVERGED_GAIN:g}).")
+                              f"{verdict} (rule: under {CONVERGED_GAIN:g} mIoU).")
