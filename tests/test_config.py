@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from dance.cli import main
-from dance.engine.config import load_config
+from dance.engine.config import config_from_dict, load_config
 from dance.errors import DanceError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,7 +17,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_ready_configs_all_load():
     files = sorted((REPO / "configs").glob("*.yaml"))
-    assert len(files) == 17  # 4 datasets x 4 model families + SynthStreets
+    assert len(files) == 18  # 4 datasets x 4 model families + SynthStreets + the demo's recipe
     for f in files:
         cfg = load_config(f)
         assert cfg.data_slimming.budget == 0.5
@@ -62,3 +62,11 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys, text, override,
 def test_missing_config_file(tmp_path):
     with pytest.raises(DanceError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_the_demo_config_file_is_the_demos_recipe():
+    from dance.report.demo import DEMO_CONFIG
+    from_file = load_config(REPO / "configs" / "demo.yaml").to_dict()
+    embedded = config_from_dict({**DEMO_CONFIG, "dataset": {**DEMO_CONFIG["dataset"],
+                                                            "root": "dance-demo/synthstreets"}})
+    assert from_file == embedded.to_dict()
