@@ -231,3 +231,6 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
     assert "jitter_follows_scale" not in r["train"]  # every image at scale 1: no effect
     slim = config_from_dict({"train": {"jitter_follows_scale": True}}).to_dict()
     assert result_config(slim)["train"]["jitter_follows_scale"] is True
+    uniform = config_from_dict({"data_slimming": {"policy": "uniform", "drop": True}}).to_dict()
+    assert result_config(uniform)["data_slimming"] == {"enabled": True, "policy": "uniform",
+                                                       "budget": 0.5}

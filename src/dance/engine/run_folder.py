@@ -51,6 +51,10 @@ def result_config(config: dict) -> dict:
     for part in ("data_slimming", "network_slimming"):
         if part in cfg and not cfg[part].get("enabled", True):
             cfg[part] = {"enabled": False}
+    ds = cfg.get("data_slimming", {})
+    if ds.get("policy") in ("uniform", "progressive") and ds.get("enabled", True):
+        # these controls plan from the budget alone: no scores, drops, weights or re-plans
+        cfg["data_slimming"] = {"enabled": True, "policy": ds["policy"], "budget": ds["budget"]}
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
     return cfg
