@@ -155,8 +155,8 @@ def test_kill_between_plan_and_metrics_leaves_an_unfinished_run_that_resumes(con
 def _poison_weights_after(epoch_to_poison: int, monkeypatch, snapshot: dict):
     real = train_mod.train_one_epoch
 
-    def poisoned(run, state, hardness, epoch):
-        out = real(run, state, hardness, epoch)
+    def poisoned(run, state, epoch):
+        out = real(run, state, epoch)
         if epoch == epoch_to_poison:
             ckpt = run.ckpt_dir
             snapshot.update({f.name: f.read_bytes() for f in ckpt.glob("*")} if ckpt.exists()

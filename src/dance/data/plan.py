@@ -466,12 +466,11 @@ class Hardness:
     The adaptive plan re-ranks images by it (``DataSlimmingPlan.replan``; see
     docs/method.md#hardness). The trainer hands over each step's per-image losses
     (``observe``); at the epoch end ``end_epoch`` folds the epoch's means into the EMA. An image
-    not yet seen has NaN. ``epoch_sums`` exposes the accumulators so a distributed trainer can
-    sum them over ranks before ``end_epoch``.
+    not yet seen has NaN. A distributed trainer sums ``loss_sum`` and ``loss_count`` over ranks
+    before ``end_epoch``. The values are what a checkpoint keeps (``to_json``).
     """
 
-    def __init__(self, n_images: int, momentum: float, values: Sequence[float] | None = None):
-        self.momentum = float(momentum)
+    def __init__(self, n_images: int, values: Sequence[float] | None = None):
         self.values = (np.full(n_images, np.nan) if values is None
                        else np.array(values, dtype=np.float64))
         if len(self.values) != n_images:
@@ -483,15 +482,15 @@ class Hardness:
         np.add.at(self.loss_sum, np.asarray(index), np.asarray(per_image_loss, dtype=np.float64))
         np.add.at(self.loss_count, np.asarray(index), 1.0)
 
-    def end_epoch(self) -> float | None:
-        """Fold this epoch's mean losses into the EMA; return their mean over seen images."""
+    def end_epoch(self, momentum: float) -> float | None:
+        """Fold this epoch's mean losses into the EMA (weight ``momentum`` on the old value);
+        return their mean over the images seen."""
         seen = self.loss_count > 0
         mean_loss = self.loss_sum / np.maximum(self.loss_count, 1)
         fresh = seen & np.isnan(self.values)
         self.values[fresh] = mean_loss[fresh]
         upd = seen & ~fresh
-        m = self.momentum
-        self.values[upd] = m * self.values[upd] + (1 - m) * mean_loss[upd]
+        self.values[upd] = momentum * self.values[upd] + (1 - momentum) * mean_loss[upd]
         self.loss_sum[:] = 0
         self.loss_count[:] = 0
         return float(mean_loss[seen].mean()) if seen.any() else None

@@ -33,17 +33,23 @@ def _complete(folder: Path) -> bool:
     return (folder / STATE_FILE).is_file() and (folder / MODEL_FILE).is_file()
 
 
-def _checkpoint_dir(path: str | Path) -> Path:
-    """A run folder or a checkpoint folder -> the checkpoint folder. A complete
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The complete checkpoint folder of a run folder or checkpoint folder, or None. A complete
     ``checkpoint.new`` (a kill during the swap left it) is newer than the others."""
     p = Path(path)
     cands = [p, p / "checkpoint.new", p / "checkpoint", p.with_name(p.name + ".old"),
              p / "checkpoint.old"]
     if p.name == "checkpoint":
         cands.insert(0, p.with_name("checkpoint.new"))
-    for cand in cands:
-        if _complete(cand):
-            return cand
+    return next((cand for cand in cands if _complete(cand)), None)
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    """A run folder or a checkpoint folder -> the checkpoint folder, or a DanceError."""
+    p = Path(path)
+    found = find_checkpoint(p)
+    if found is not None:
+        return found
     if not p.exists():
         raise DanceError(f"{p}: checkpoint not found")
     raise DanceError(f"{p}: not a run or checkpoint folder (no {MODEL_FILE} + {STATE_FILE})")

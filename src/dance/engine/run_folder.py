@@ -60,12 +60,17 @@ def result_config(config: dict) -> dict:
     return cfg
 
 
-def run_fingerprint(config: dict, train_ds, val_ds) -> dict:
+def dataset_fingerprint(train_ds, val_ds) -> dict:
+    """The dataset part of a fingerprint: one pass over the two splits' files."""
+    return {"name": train_ds.name, "train_split": dataset_identity(train_ds),
+            "val_split": dataset_identity(val_ds)}
+
+
+def run_fingerprint(config: dict, dataset: dict) -> dict:
+    """What determines a run's result: its config (``result_config``), the dataset part
+    (``dataset_fingerprint``, the same for every run on that data) and the version."""
     from dance import __version__
-    return {"config": result_config(config),
-            "dataset": {"name": train_ds.name, "train_split": dataset_identity(train_ds),
-                        "val_split": dataset_identity(val_ds)},
-            "dance_version": __version__}
+    return {"config": result_config(config), "dataset": dataset, "dance_version": __version__}
 
 
 def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

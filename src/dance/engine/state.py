@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dance.data.plan import DataSlimmingPlan
+from dance.data.plan import DataSlimmingPlan, Hardness
 from dance.engine.cost import CostLedger
 from dance.errors import DanceError
 
@@ -22,7 +22,7 @@ _LEDGER_OPTIONAL = ("train_mpixels", "full_mpixels")  # absent from older checkp
 @dataclass
 class TrainState:
     plan: DataSlimmingPlan  # as last re-planned
-    hardness: list[float]  # per-image loss EMA (NaN: not seen yet), dataset order
+    hardness: Hardness  # per-image loss EMA (NaN: not seen yet), dataset order
     epoch: int = 0  # epochs finished
     global_step: int = 0
     ledger: CostLedger = field(default_factory=CostLedger)
@@ -37,7 +37,7 @@ class TrainState:
         return {
             "epoch": self.epoch, "global_step": self.global_step,
             **{k: getattr(self.ledger, k) for k in (*_LEDGER_FIELDS, *_LEDGER_OPTIONAL)},
-            "wall_seconds": self.wall_seconds, "hardness": list(self.hardness),
+            "wall_seconds": self.wall_seconds, "hardness": self.hardness.to_json(),
             "skipped": sorted(self.skipped), "history": list(self.history),
             "prune_events": list(self.prune_events), "plan": self.plan.to_json(), "phases": dict(self.phases),
             "forced_resume": self.forced_resume,
@@ -53,7 +53,8 @@ class TrainState:
         missing = [k for k in needed if k not in d]
         if missing:
             raise DanceError(f"{source}: train_state lacks {', '.join(missing)}")
-        return cls(plan=DataSlimmingPlan.from_json(d["plan"]), hardness=list(d["hardness"]),
+        return cls(plan=DataSlimmingPlan.from_json(d["plan"]),
+                   hardness=Hardness(len(d["hardness"]), d["hardness"]),
                    epoch=int(d["epoch"]), global_step=int(d["global_step"]),
                    ledger=CostLedger(**{k: d[k] for k in _LEDGER_FIELDS},
                                      **{k: d[k] for k in _LEDGER_OPTIONAL if k in d}),

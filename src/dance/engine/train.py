@@ -35,6 +35,7 @@ from dance.engine.evaluate import eval_fields
 from dance.engine.loss import weighted_cross_entropy
 from dance.engine.run_folder import (
     FINGERPRINT_FILE,
+    dataset_fingerprint,
     describe_diff,
     fault_point,
     fingerprint_diff,
@@ -68,30 +69,28 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         np.random.seed(tc.seed)
         train_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
         val_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
-        fingerprint = run_fingerprint(cfg.to_dict(), train_ds, val_ds)
+        fingerprint = run_fingerprint(cfg.to_dict(), dataset_fingerprint(train_ds, val_ds))
         model = build_model(cfg.model.name, train_ds.num_classes, cfg.model.pretrained_backbone,
                             **cfg.model.options)
         plan0 = shared_data_plan(cfg, train_ds, out_dir, score_cache, progress, rt)
         slimmer = make_slimmer(cfg, model)
-        state = TrainState(plan=plan0, hardness=[float("nan")] * len(train_ds))
+        state = TrainState(plan=plan0, hardness=Hardness(len(train_ds)))
         saved = (resume_run(out_dir / "checkpoint", cfg, model, slimmer, state, rt, fingerprint,
                             force) if resume else None)
         if rt.is_main:
             atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)
-        run = start_run(cfg, rt, model, slimmer, train_ds, state, saved, out_dir, progress)
-        run.fingerprint = fingerprint
-        hardness = Hardness(len(train_ds), cfg.data_slimming.hardness_momentum, state.hardness)
+        run = start_run(cfg, rt, model, slimmer, train_ds, state, saved, out_dir, progress,
+                        fingerprint)
 
         run.meter.start()
         t_start = time.perf_counter() - state.wall_seconds
         for epoch in range(state.epoch, math.ceil(horizon_epochs(cfg) - 1e-9)):
-            lr, mean_scale = train_one_epoch(run, state, hardness, epoch)
-            epoch_loss = end_epoch_hardness(hardness, rt)
-            if adapts(cfg) and hardness.filled() is not None:  # re-plan from what is still hard
-                state.plan = plan0.replan(hardness.filled(),
-                                          alpha=cfg.data_slimming.hardness_alpha)
+            lr, mean_scale = train_one_epoch(run, state, epoch)
+            epoch_loss = end_epoch_hardness(state.hardness, cfg, rt)
+            filled = state.hardness.filled()
+            if adapts(cfg) and filled is not None:  # re-plan from what is still hard
+                state.plan = plan0.replan(filled, alpha=cfg.data_slimming.hardness_alpha)
             state.epoch, state.wall_seconds = epoch + 1, time.perf_counter() - t_start
-            state.hardness = hardness.to_json()
             val = None
             if tc.eval_every and (epoch + 1) % tc.eval_every == 0 \
                     and epoch + 1 < horizon_epochs(cfg):
@@ -125,7 +124,7 @@ def refuse_existing_run(out: Path) -> None:
     if (out / "metrics.json").exists():
         raise DanceError(f"{out}: already holds a finished run (metrics.json); "
                          "choose another --out or pass --resume")
-    if any((out / f"checkpoint{sfx}").exists() for sfx in ("", ".new", ".old")):
+    if ckpt.find_checkpoint(out / "checkpoint") is not None:
         raise DanceError(f"{out}: holds a checkpoint of an unfinished run; "
                          "pass --resume to continue it or choose another --out")
 
@@ -153,8 +152,7 @@ class Run:
     fingerprint: dict = field(default_factory=dict)
 
 
-def train_one_epoch(run: Run, state: TrainState, hardness: Hardness, epoch: int
-                    ) -> tuple[float, float]:
+def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, float]:
     """One pass over the epoch's planned batches; returns (last learning rate, mean scale)."""
     tc = run.cfg.train
     run.sampler.plan = state.plan
@@ -188,7 +186,7 @@ def train_one_epoch(run: Run, state: TrainState, hardness: Hardness, epoch: int
         x_shape = tuple(batch["image"].shape)
         state.ledger.add_step(run.model, x_shape, tuple(tc.crop), full_factor)
         state.global_step += 1
-        hardness.observe(batch["index"].numpy(), per_image.double().cpu().numpy())
+        state.hardness.observe(batch["index"].numpy(), per_image.double().cpu().numpy())
         loss_value, scale = loss.item(), x_shape[3] / tc.crop[1]
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", scale=f"{scale:.3f}")
         if run.tb is not None:
@@ -240,13 +238,13 @@ def _probe_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return weighted_cross_entropy(logits.float(), masks)[0]
 
 
-def end_epoch_hardness(hardness: Hardness, rt: Runtime) -> float | None:
+def end_epoch_hardness(hardness: Hardness, cfg: RunConfig, rt: Runtime) -> float | None:
     """Sum the epoch's per-image losses over ranks and fold them into the hardness EMA."""
     if rt.distributed:
         sums = torch.from_numpy(np.stack([hardness.loss_sum, hardness.loss_count])).to(rt.device)
         sums = all_reduce_(sums, rt).cpu().numpy()
         hardness.loss_sum[:], hardness.loss_count[:] = sums[0], sums[1]
-    return hardness.end_epoch()
+    return hardness.end_epoch(cfg.data_slimming.hardness_momentum)
 
 
 def adapts(cfg: RunConfig) -> bool:
@@ -351,7 +349,7 @@ def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: Networ
     if rt.is_main:
         ckpt.finish_swap(ckpt_dir)  # a kill during the last save may have left it half done
     broadcast_from_main(None, rt)  # the other ranks read only after that
-    if not any(ckpt_dir.with_name(ckpt_dir.name + sfx).exists() for sfx in ("", ".new", ".old")):
+    if ckpt.find_checkpoint(ckpt_dir) is None:
         if rt.is_main:
             print(f"dance train: no checkpoint in {ckpt_dir}, starting from scratch",
                   file=sys.stderr)
@@ -381,7 +379,7 @@ def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: Networ
 
 def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSlimmer | None,
               train_ds: SegmentationDataset, state: TrainState, saved: tuple | None,
-              out_dir: Path, progress: bool) -> Run:
+              out_dir: Path, progress: bool, fingerprint: dict) -> Run:
     """Model on its device, optimizer (restored on resume), loader over the plan, probe batches."""
     tc = cfg.train
     model.to(rt.device)
@@ -407,7 +405,8 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
                sampler=sampler, loader=loader, n_images=len(train_ds),
                ckpt_dir=out_dir / "checkpoint", slimmer=slimmer, probe=probe,
                show=progress and rt.is_main, meter=EnergyMeter(rt.device),
-               tb=_Tensorboard(out_dir / "tensorboard") if rt.is_main else None)
+               tb=_Tensorboard(out_dir / "tensorboard") if rt.is_main else None,
+               fingerprint=fingerprint)
 
 
 def probe_batches(data: PlannedDataset, n_images: int, batch_size: int, seed: int):

@@ -26,7 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from dance.engine.config import RunConfig, load_config
-from dance.engine.run_folder import describe_diff, fingerprint_diff, locked, run_fingerprint
+from dance.engine.run_folder import (
+    dataset_fingerprint,
+    describe_diff,
+    fingerprint_diff,
+    locked,
+    run_fingerprint,
+)
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json, atomic_write_text, jsonable
 
@@ -109,6 +115,7 @@ def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1
     out_dir = Path(out_dir)
     with locked(out_dir):
         score_cache = out_dir / "scores.cache.json"  # scored once, shared by every run
+        data_fp = dataset_fingerprint_of(cfg)  # one pass over the files, for every run
         per_seed: dict[str, list[dict]] = {k: [] for k in runs}
         run_dirs: dict[str, list[str]] = {k: [] for k in runs}
         status: dict[str, list[str]] = {k: [] for k in runs}
@@ -117,7 +124,7 @@ def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1
             for kind in runs:
                 folder = out_dir / "runs" / (kind if seeds == 1 else f"{kind}-seed{seed}")
                 m, what = reuse_or_train(run_config(cfg, kind, seed), folder, score_cache,
-                                         progress, f"{kind} (seed {seed})")
+                                         progress, f"{kind} (seed {seed})", data_fp)
                 per_seed[kind].append(m)
                 run_dirs[kind].append(str(folder))
                 status[kind].append(what)
@@ -133,7 +140,7 @@ def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1
 
 
 def reuse_or_train(cfg: RunConfig, folder: Path, score_cache: Path, progress: bool,
-                   label: str) -> tuple[dict, str]:
+                   label: str, data_fp: dict) -> tuple[dict, str]:
     """A finished run with this fingerprint is reused; an unfinished one with it is resumed;
     one with another fingerprint is moved to ``<folder>.previous`` and trained anew."""
     from dance.engine.train import train
@@ -141,7 +148,7 @@ def reuse_or_train(cfg: RunConfig, folder: Path, score_cache: Path, progress: bo
     if recorded is _NONE:
         what = "trained"
     else:
-        differs = fingerprint_diff(recorded, fingerprint_for(cfg))
+        differs = fingerprint_diff(recorded, run_fingerprint(cfg.to_dict(), data_fp))
         forced = bool(finished and finished.get("forced_resume"))
         if not differs and not forced:
             if finished is not None:
@@ -184,11 +191,11 @@ def _recorded_fingerprint(folder: Path) -> tuple[object, dict | None]:
     return saved.get("fingerprint"), None
 
 
-def fingerprint_for(cfg: RunConfig) -> dict:
+def dataset_fingerprint_of(cfg: RunConfig) -> dict:
     from dance.data.datasets import open_dataset
     d = cfg.dataset
-    return run_fingerprint(cfg.to_dict(), open_dataset(d.name, d.root, d.train_split),
-                           open_dataset(d.name, d.root, d.val_split))
+    return dataset_fingerprint(open_dataset(d.name, d.root, d.train_split),
+                               open_dataset(d.name, d.root, d.val_split))
 
 
 def _pm(mean: float, std: float, seeds: int, fmt: str = "{:.2f}") -> str:
@@ -313,6 +320,7 @@ def saturation(cfg: RunConfig, out_dir: str | Path, seeds: int = 1,
     the method, so a claim needs a recipe whose 2x run gains under ``CONVERGED_GAIN``."""
     out_dir = Path(out_dir)
     with locked(out_dir):
+        data_fp = dataset_fingerprint_of(cfg)
         rows = []
         for factor in SATURATION_FACTORS:
             epochs = max(1, round(cfg.train.epochs * factor))
@@ -322,7 +330,8 @@ def saturation(cfg: RunConfig, out_dir: str | Path, seeds: int = 1,
                 run.train.epochs = epochs
                 name = f"baseline-{epochs}ep" + (f"-seed{run.train.seed}" if seeds > 1 else "")
                 m, _ = reuse_or_train(run, out_dir / "runs" / name, out_dir / "scores.cache.json",
-                                      progress, f"plain at {epochs} epochs (seed {run.train.seed})")
+                                      progress, f"plain at {epochs} epochs (seed {run.train.seed})",
+                                      data_fp)
                 per_seed.append(m)
             miou, std = _mean_std([m["miou"] for m in per_seed])
             seconds, _ = _mean_std([m["train_seconds"] for m in per_seed])
