@@ -30,7 +30,7 @@ from dance.data.sampler import BucketedBatchSampler
 from dance.data.transforms import TrainTransform
 from dance.engine import checkpoint as ckpt
 from dance.engine.config import RunConfig, load_config
-from dance.engine.cost import EnergyMeter, PhaseTimer
+from dance.engine.cost import CostLedger, EnergyMeter, PhaseTimer
 from dance.engine.evaluate import eval_fields
 from dance.engine.loss import weighted_cross_entropy
 from dance.engine.run_folder import (
@@ -477,11 +477,13 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
                   wall_seconds: float, resumed: bool) -> dict:
     """metrics.json: validation, cost summed over ranks, energy, and what the run did."""
     rt, model, ledger = run.rt, run.model, state.ledger
-    totals = torch.tensor([ledger.train_gflops, ledger.full_gflops, ledger.images_seen],
-                          dtype=torch.float64)
+    summed = ("train_gflops", "full_gflops", "images_seen", "train_mpixels", "full_mpixels")
+    totals = torch.tensor([getattr(ledger, k) for k in summed], dtype=torch.float64)
     if rt.distributed:
         totals = all_reduce_(totals.to(rt.device), rt).cpu()
-    train_gflops, full_gflops, images_seen = (float(v) for v in totals)
+    # every rank's steps: the cost, its note and the pixel ratio all come from the same sums
+    total = CostLedger(**dict(zip(summed, (float(v) for v in totals))))
+    train_gflops, images_seen = total.train_gflops, total.images_seen
     if run.tb is not None:
         run.tb.scalars(run.cfg.train.epochs, **{"val/miou": val_metrics["miou"]})
         run.tb.close()
@@ -490,7 +492,7 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
     train_seconds = wall_seconds - ledger.accounting_seconds
     h, w = run.cfg.train.crop
     planned = plan0.predicted_cost * run.cfg.train.steps_fraction
-    cost_note = ledger.off_plan(planned)
+    cost_note = total.off_plan(planned)
     if cost_note and run.rt.is_main:
         print(f"dance train: warning: {cost_note}", file=sys.stderr)
     return {
@@ -503,8 +505,8 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "energy_joules": run.meter.joules,
         "energy_kind": run.meter.kind,
         "planned_cost": planned,
-        "realised_cost": train_gflops / max(full_gflops, 1e-12),
-        "realised_pixel_cost": ledger.realised_pixel_cost,
+        "realised_cost": total.realised_cost,
+        "realised_pixel_cost": total.realised_pixel_cost,
         "cost_note": cost_note,
         "removed_branches": list(model.dance_arch.removed),
         "skipped_samples": len(state.skipped),
