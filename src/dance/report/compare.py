@@ -145,12 +145,10 @@ def reuse_or_train(cfg: RunConfig, folder: Path, score_cache: Path, progress: bo
     one with another fingerprint is moved to ``<folder>.previous`` and trained anew."""
     from dance.engine.train import train
     recorded, finished = _recorded_fingerprint(folder)
-    if recorded is _NONE:
-        what = "trained"
-    else:
+    what = "trained"
+    if recorded is not _NONE:
         differs = fingerprint_diff(recorded, run_fingerprint(cfg.to_dict(), data_fp))
-        forced = bool(finished and finished.get("forced_resume"))
-        if not differs and not forced:
+        if not differs and not (finished or {}).get("forced_resume"):
             if finished is not None:
                 print(f"[compare] {label}: reused {folder} (same fingerprint)", file=sys.stderr)
                 return finished, "reused"
@@ -158,17 +156,23 @@ def reuse_or_train(cfg: RunConfig, folder: Path, score_cache: Path, progress: bo
         else:
             why = (f"fingerprint differs: {describe_diff(differs)}" if differs
                    else "it was resumed with --force")
-            previous = folder.with_name(folder.name + ".previous")
-            if previous.exists():
-                shutil.rmtree(previous)
-            folder.rename(previous)
-            what = f"retrained ({why})"
+            previous = _keep_previous(folder)
             print(f"[compare] {label}: {why}; retraining -> {folder} (the old run is kept "
                   f"in {previous})", file=sys.stderr)
-    if not what.startswith("retrained"):
-        print(f"[compare] {label}: {what} -> {folder}", file=sys.stderr)
+            return train(cfg, folder, progress=progress, score_cache=score_cache), \
+                f"retrained ({why})"
+    print(f"[compare] {label}: {what} -> {folder}", file=sys.stderr)
     return train(cfg, folder, resume=what == "resumed", progress=progress,
                  score_cache=score_cache), what
+
+
+def _keep_previous(folder: Path) -> Path:
+    """Move a run that will be retrained to ``<folder>.previous`` (replacing an older one)."""
+    previous = folder.with_name(folder.name + ".previous")
+    if previous.exists():
+        shutil.rmtree(previous)
+    folder.rename(previous)
+    return previous
 
 
 _NONE = object()  # the folder holds no run at all
