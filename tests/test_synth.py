@@ -1,5 +1,6 @@
 """SynthStreets: determinism, reuse, Cityscapes layout, class spread, complexity spread."""
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -148,3 +149,22 @@ def test_cli_writes_the_set_and_rejects_bad_values(tmp_path, capsys):
     assert "too small" in capsys.readouterr().err
     with pytest.raises(DanceError, match="nothing to generate"):
         generate_synthstreets(out, train=0, val=0, test=0, progress=False)
+
+
+def test_a_second_scene_family_differs_and_is_deterministic(tmp_path):
+    from dance.data.synth import STYLES, render_sample
+    day, _ = render_sample(0, "train", 3, (64, 128))
+    dusk, labels = render_sample(0, "train", 3, (64, 128), style="suburb-dusk")
+    again, labels2 = render_sample(0, "train", 3, (64, 128), style="suburb-dusk")
+    assert (dusk == again).all() and (labels == labels2).all()
+    assert dusk.mean() < day.mean() - 10  # dusk light is dimmer
+    assert set(STYLES) == {"streets", "suburb-dusk"}
+    s = generate_synthstreets(tmp_path / "d", train=2, val=1, size=(32, 64), seed=0,
+                              workers=0, progress=False, style="suburb-dusk")
+    assert s["style"] == "suburb-dusk"
+    assert json.loads((tmp_path / "d" / "synthstreets.json").read_text())["style"] == "suburb-dusk"
+    # the same folder asked for the other style is regenerated, not reused
+    assert not generate_synthstreets(tmp_path / "d", train=2, val=1, size=(32, 64), seed=0,
+                                     workers=0, progress=False)["reused"]
+    with pytest.raises(DanceError, match="--style 'night' is not a SynthStreets style"):
+        generate_synthstreets(tmp_path / "e", train=1, val=1, style="night")

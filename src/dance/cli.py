@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=_positive_int, default=0, help="test images")
     p.add_argument("--size", type=_size, default=(256, 512), help="HxW, e.g. 256x512")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--style", default="streets",
+                   help="scene family: streets (city streets by day) or suburb-dusk (low houses "
+                        "and trees under dim dusk light)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 
     p = command("check-data", "dance.data.check:cli_check_data",

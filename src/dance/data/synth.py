@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,41 @@ for _cls, (_lo, _hi) in _TEXTURE.items():
 _GROUND = np.zeros(256, bool)
 _GROUND[[ROAD, SIDEWALK, TERRAIN]] = True
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+@dataclass(frozen=True)
+class Style:
+    """What sets one scene family apart from another: layout odds, building heights, the object
+    mix and the light. Only the ranges of the random draws differ, never their number or order,
+    so the default style's files are the same bytes as before styles existed."""
+
+    terrain_p: float = 0.5  # chance of a terrain band beside each sidewalk
+    tree_line_p: float = 0.25  # chance a street side is a tree line, not buildings (+0.2 (1-c))
+    building_m: tuple[float, float] = (6.0, 30.0)  # facade heights, metres
+    big: tuple[str, ...] = ("car", "car", "car", "tree", "tree", "truck", "bus")
+    small: tuple[str, ...] = ("car", "car", "car", "person", "person", "person", "pole_sign",
+                              "pole_light", "pole_lamp", "pole_sign", "tree", "bicycle", "rider",
+                              "motorcycle", "car", "truck")
+    contrast: tuple[float, float] = (0.8, 1.15)
+    brightness: tuple[float, float] = (-35.0, 30.0)
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)  # colour of the light, per channel
+    noise: tuple[float, float] = (1.0, 4.0)  # sensor noise sigma, grey levels
+
+
+# The scene families `dance synth --style` draws. "streets": the default, city streets by day.
+# "suburb-dusk": low houses and tree lines, wide verges, few pedestrians, more bicycles and
+# trucks, under dim, warm, low-contrast and noisy dusk light -- a family kept for checking that a
+# recipe carries over without retuning (BENCHMARKS.md).
+STYLES = {
+    "streets": Style(),
+    "suburb-dusk": Style(
+        terrain_p=0.85, tree_line_p=0.6, building_m=(4.0, 12.0),
+        big=("car", "car", "tree", "tree", "tree", "truck", "truck"),
+        small=("car", "car", "tree", "tree", "person", "pole_lamp", "pole_lamp", "pole_light",
+               "pole_sign", "bicycle", "bicycle", "rider", "motorcycle", "truck", "car", "car"),
+        contrast=(0.55, 0.85), brightness=(-75.0, -30.0), tint=(1.12, 0.95, 0.78),
+        noise=(3.0, 8.0)),
+}
 
 
 # --------------------------------------------------------------------------- layout and seeding
@@ -203,8 +239,9 @@ class _Street:
     """A pinhole camera over a flat street. Ground point (X lateral, z depth) in metres projects to
     ``x = vx + f X / z``, ``y = yh + f cam_h / z``; a height h above it to ``y - f h / z``."""
 
-    def __init__(self, rng: np.random.Generator, c: float, height: int, width: int):
-        self.rng, self.c = rng, c
+    def __init__(self, rng: np.random.Generator, c: float, height: int, width: int,
+                 style: Style = STYLES["streets"]):
+        self.rng, self.c, self.style = rng, c, style
         self.cv = _Canvas(height, width)
         self.h, self.w = height, width
         self.f = width * rng.uniform(0.55, 0.8)
@@ -214,8 +251,8 @@ class _Street:
         # Lateral bands (right-hand traffic: the camera sits in a right lane).
         self.road_l, self.road_r = -rng.uniform(3.0, 9.0), rng.uniform(1.6, 4.5)
         self.walk_l, self.walk_r = rng.uniform(1.5, 4.5), rng.uniform(1.5, 4.5)
-        self.terr_l = rng.uniform(0, 4) if rng.random() < 0.5 else 0.0
-        self.terr_r = rng.uniform(0, 4) if rng.random() < 0.5 else 0.0
+        self.terr_l = rng.uniform(0, 4) if rng.random() < style.terrain_p else 0.0
+        self.terr_r = rng.uniform(0, 4) if rng.random() < style.terrain_p else 0.0
         self.z_near = self.f * self.cam_h / (height - self.yh)  # depth of the bottom row
         self.z_far = rng.uniform(60, 200)
 
@@ -346,7 +383,7 @@ class _Street:
         n_seg = 1 + int(rng.integers(0, 2 + 10 * c))
         bounds = np.concatenate([[0.0], np.sort(rng.uniform(self.z_near, self.z_far, n_seg - 1)),
                                  [self.z_far]])
-        if rng.random() < 0.25 + 0.2 * (1 - c):  # a tree line: bumpy top, strong texture
+        if rng.random() < self.style.tree_line_p + 0.2 * (1 - c):  # tree line: bumpy top
             heights = rng.uniform(3, 12, n_seg)
             geo = self.facade(side, X, 0.0, self.z_far, heights, bounds)
             if geo is None:
@@ -357,7 +394,7 @@ class _Street:
             colours = np.stack([_jitter(rng, VEGETATION, 20) for _ in range(n_seg)])
             self.cv.paint(box, m, VEGETATION, np.broadcast_to(colours[seg][None], m.shape + (3,)))
             return
-        heights = rng.uniform(6, 30, n_seg)
+        heights = rng.uniform(*self.style.building_m, n_seg)
         geo = self.facade(side, X, 0.0, self.z_far, heights, bounds)
         if geo is None:
             return
@@ -528,9 +565,7 @@ class _Street:
         """Dozens of small objects at high complexity, a couple of large ones at low, far first."""
         rng, c = self.rng, self.c
         n = round(c ** 1.5 * rng.uniform(35, 60) + rng.uniform(0, 1.5))
-        big = ["car", "car", "car", "tree", "tree", "truck", "bus"]
-        small = ["car", "car", "car", "person", "person", "person", "pole_sign", "pole_light",
-                 "pole_lamp", "pole_sign", "tree", "bicycle", "rider", "motorcycle", "car", "truck"]
+        big, small = list(self.style.big), list(self.style.small)
         items = []
         for _ in range(n):
             kind = str(rng.choice(big if rng.random() > c + 0.2 else small))
@@ -575,17 +610,18 @@ class _Street:
         # Texture is part of spatial detail: finer and stronger in complex scenes.
         detail = 0.3 + 0.9 * self.c
         img = cv.img + (detail * (_TEX_LO[cv.lab] * lo + _TEX_HI[cv.lab] * grain))[..., None]
-        contrast, brightness = rng.uniform(0.8, 1.15), rng.uniform(-35, 30)
-        cast = rng.uniform(0.85, 1.15, 3).astype(np.float32)
+        st = self.style
+        contrast, brightness = rng.uniform(*st.contrast), rng.uniform(*st.brightness)
+        cast = (rng.uniform(0.85, 1.15, 3) * np.asarray(st.tint)).astype(np.float32)
         img = ((img - 110.0) * contrast + 110.0 + brightness) * cast
-        img += rng.normal(0, rng.uniform(1.0, 4.0), img.shape).astype(np.float32)
+        img += rng.normal(0, rng.uniform(*st.noise), img.shape).astype(np.float32)
         return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def render_scene(rng: np.random.Generator, complexity: float,
-                 size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(rng: np.random.Generator, complexity: float, size: tuple[int, int],
+                 style: str = "streets") -> tuple[np.ndarray, np.ndarray]:
     """One SynthStreets scene: (image H x W x 3 uint8 RGB, label ids H x W uint8)."""
-    st = _Street(rng, complexity, *size)
+    st = _Street(rng, complexity, *size, style=STYLES[style])
     st.sky()
     st.skyline()
     st.ground()
@@ -606,16 +642,17 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def render_sample(seed: int, split: str, index: int,
-                  size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def render_sample(seed: int, split: str, index: int, size: tuple[int, int],
+                  style: str = "streets") -> tuple[np.ndarray, np.ndarray]:
     """Image ``index`` of ``split`` exactly as ``generate_synthstreets`` writes it, in memory:
     (image H x W x 3 uint8 RGB, Cityscapes label ids H x W uint8)."""
-    return render_scene(_image_rng(seed, split, index), complexity_level(seed, split, index), size)
+    return render_scene(_image_rng(seed, split, index), complexity_level(seed, split, index), size,
+                        style)
 
 
-def _write_sample(job: tuple[str, int, str, int, tuple[int, int]]) -> None:
-    root, seed, split, index, size = job
-    image, labels = render_sample(seed, split, index, size)
+def _write_sample(job: tuple[str, int, str, int, tuple[int, int], str]) -> None:
+    root, seed, split, index, size, style = job
+    image, labels = render_sample(seed, split, index, size, style)
     image_path, mask_path = sample_paths(root, split, index)
     atomic_write_bytes(image_path, _png_bytes(image))
     atomic_write_bytes(mask_path, _png_bytes(labels))
@@ -623,9 +660,12 @@ def _write_sample(job: tuple[str, int, str, int, tuple[int, int]]) -> None:
 
 # --------------------------------------------------------------------------- dataset generation
 
-def _parameters(counts: dict[str, int], size: tuple[int, int], seed: int) -> dict:
-    return {"generator": "synthstreets", "version": GENERATOR_VERSION, "seed": int(seed),
-            "size": [int(size[0]), int(size[1])], "splits": {s: int(counts[s]) for s in SPLITS}}
+def _parameters(counts: dict[str, int], size: tuple[int, int], seed: int, style: str) -> dict:
+    params = {"generator": "synthstreets", "version": GENERATOR_VERSION, "seed": int(seed),
+              "size": [int(size[0]), int(size[1])], "splits": {s: int(counts[s]) for s in SPLITS}}
+    if style != "streets":  # the default's manifest stays as it was
+        params["style"] = style
+    return params
 
 
 def _is_complete(root: Path, params: dict) -> bool:
@@ -633,7 +673,8 @@ def _is_complete(root: Path, params: dict) -> bool:
         manifest = json.loads((root / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(manifest, dict) or {k: manifest.get(k) for k in params} != params:
+    if not isinstance(manifest, dict) or {k: manifest.get(k) for k in params} != params \
+            or manifest.get("style", "streets") != params.get("style", "streets"):
         return False
     return all(p.is_file() for s, n in params["splits"].items() for i in range(n)
                for p in sample_paths(root, s, i))
@@ -659,15 +700,19 @@ def _remove_stale(root: Path, counts: dict[str, int]) -> None:
 
 def generate_synthstreets(out: str | os.PathLike, train: int = 300, val: int = 100, test: int = 0,
                           size: tuple[int, int] = (256, 512), seed: int = 0,
-                          workers: int | None = None, progress: bool = True) -> dict:
+                          workers: int | None = None, progress: bool = True,
+                          style: str = "streets") -> dict:
     """Write SynthStreets into ``out`` in the Cityscapes layout (docs/datasets.md) and return a summary.
 
     Deterministic: the same parameters give byte-identical files for any ``workers``. When
     ``out`` already holds a complete set for the same parameters (its ``synthstreets.json``
     manifest, written last, matches and every file exists) nothing is regenerated.
     Summary keys: ``out``, ``train``, ``val``, ``test``, ``size``, ``seed``, ``images``,
-    ``seconds``, ``reused``.
+    ``seconds``, ``reused``, ``style``. ``style`` names the scene family (``STYLES``).
     """
+    if style not in STYLES:
+        raise DanceError(f"--style {style!r} is not a SynthStreets style; choose from "
+                         f"{', '.join(STYLES)}")
     counts = {"train": train, "val": val, "test": test}
     for name, n in counts.items():
         if int(n) != n or n < 0:
@@ -685,8 +730,9 @@ def generate_synthstreets(out: str | os.PathLike, train: int = 300, val: int = 1
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise DanceError(f"{root}: exists and is not a folder")
-    params = _parameters(counts, (h, w), seed)
-    summary = {"out": str(root), **counts, "size": [h, w], "seed": int(seed), "images": total}
+    params = _parameters(counts, (h, w), seed, style)
+    summary = {"out": str(root), **counts, "size": [h, w], "seed": int(seed), "images": total,
+               "style": style}
     if _is_complete(root, params):
         return {**summary, "seconds": 0.0, "reused": True}
 
@@ -694,7 +740,8 @@ def generate_synthstreets(out: str | os.PathLike, train: int = 300, val: int = 1
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not look complete
     _remove_stale(root, counts)
-    jobs = [(str(root), int(seed), s, i, (h, w)) for s in SPLITS for i in range(counts[s])]
+    jobs = [(str(root), int(seed), s, i, (h, w), style) for s in SPLITS
+            for i in range(counts[s])]
     # workers=0 draws in this process; None uses every core we may run on.
     for _ in parallel_map(_write_sample, jobs, workers, progress=progress, desc="SynthStreets"):
         pass
@@ -706,8 +753,10 @@ def generate_synthstreets(out: str | os.PathLike, train: int = 300, val: int = 1
 def cli_synth(args: argparse.Namespace) -> int:
     """``dance synth``: generate SynthStreets and print one line saying what was written."""
     s = generate_synthstreets(args.out, train=args.train, val=args.val, test=args.test,
-                              size=tuple(args.size), seed=args.seed, workers=args.workers)
+                              size=tuple(args.size), seed=args.seed, workers=args.workers,
+                              style=args.style)
     what = "already complete, reused" if s["reused"] else f"generated in {s['seconds']:.1f} s"
-    print(f"SynthStreets {s['size'][0]}x{s['size'][1]} seed {s['seed']}: {s['train']} train, "
+    print(f"SynthStreets {s['style']} {s['size'][0]}x{s['size'][1]} seed {s['seed']}: "
+          f"{s['train']} train, "
           f"{s['val']} val, {s['test']} test images in {s['out']} ({what})")
     return 0
