@@ -162,3 +162,35 @@ def test_saturation_trains_the_plain_recipe_at_half_once_and_twice_its_epochs(co
     # the 1x run is the compare's own plain recipe: same fingerprint as its baseline
     base = json.loads((out / "runs" / "baseline" / "metrics.json").read_text())
     assert result["rows"][1]["miou"] == pytest.approx(base["miou"], abs=1e-6)
+
+
+def test_jobs_train_runs_side_by_side_with_the_same_results(compared, capsys):
+    """--jobs 2 trains two runs at a time in their own processes; with the same thread count
+    each run's result is the same as when trained one at a time, and the report is the same."""
+    _, root = compared
+    cfg = root.parent / "jobs.yaml"
+    cfg.write_text(f"dataset: {{name: synth, root: {root}}}\n"
+                   "model: {name: deeplabv3plus_mbv2}\n"
+                   "train: {threads: 1, workers: 0}\n")
+    args = ["compare", "--config", str(cfg), *TINY, "--runs", "baseline,dance,shuffled",
+            "--quiet"]
+    one, two = root.parent / "one", root.parent / "two"
+    assert main([*args, "--out", str(one)]) == 0
+    assert main([*args, "--out", str(two), "--jobs", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "3 runs, 2 at a time" in err
+    a = json.loads((one / "report.json").read_text())
+    b = json.loads((two / "report.json").read_text())
+    for kind in ("baseline", "dance", "shuffled"):
+        assert b["runs"][kind]["miou"] == a["runs"][kind]["miou"]
+        assert b["runs"][kind]["train_gflops_total"] == a["runs"][kind]["train_gflops_total"]
+    assert b["run_status"] == {"baseline": ["trained"], "dance": ["trained"],
+                               "shuffled": ["trained"]}
+    # the scores were computed once, before the runs, into the compare's cache
+    assert (two / "scores.cache.json").is_file()
+    # run again: every run is reused, from the worker processes too
+    assert main([*args, "--out", str(two), "--jobs", "2"]) == 0
+    again = json.loads((two / "report.json").read_text())
+    assert again["run_status"]["dance"] == ["reused"]
+    assert main([*args, "--out", str(two), "--jobs", "0"]) == 1
+    assert capsys.readouterr().err.strip() == "dance compare: error: --jobs must be at least 1, got 0"

@@ -263,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--saturation", action="store_true",
                    help="instead: train the plain recipe at 0.5x, 1x and 2x its epochs and say "
                         "how far the 1x run is from converged")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train N runs at a time, each in its own process with 1/N of the CPU "
+                        "cores as threads (CPU: small models train faster this way)")
     p.add_argument("--out", default=None, help="report folder")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -62,6 +62,9 @@ class TrainConfig(_Strict):
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     workers: int = Field(2, ge=0)
+    # CPU threads of this run's math (torch.set_num_threads); null keeps torch's default.
+    # Small models on few cores often train faster on one thread (BENCHMARKS.md, "Threads")
+    threads: int | None = Field(None, ge=1)
     eval_mode: Literal["whole", "slide"] = "whole"
     eval_crop: tuple[int, int] | None = None  # sliding window; default: the training crop
     eval_every: int = Field(0, ge=0)  # epochs between validations during training; 0 = end only

@@ -23,7 +23,7 @@ from dance.errors import DanceError
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
 # Config keys that change how fast a run goes, never what it computes.
-_NOT_RESULT_KEYS = (("train", "workers"),)
+_NOT_RESULT_KEYS = (("train", "workers"), ("train", "threads"))
 
 
 def dataset_identity(dataset) -> dict:

@@ -65,6 +65,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         if not resume:
             refuse_existing_run(out_dir)
         tc = cfg.train
+        if tc.threads is not None:
+            torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed)
         train_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)

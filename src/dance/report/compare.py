@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,8 +106,10 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict:
 
 
 def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1,
-            progress: bool = True, plots: bool = True) -> dict:
+            progress: bool = True, plots: bool = True, jobs: int = 1) -> dict:
     """Train every run kind with the same data, model, epochs and seeds; write the report.
+
+    ``jobs`` runs train at a time, each in its own process (see ``train_all``).
 
     A finished run in ``out_dir`` is reused only when its fingerprint matches the run asked
     for; otherwise it is retrained (the old folder kept as ``<run>.previous``). What happened
@@ -116,18 +119,18 @@ def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1
     with locked(out_dir):
         score_cache = out_dir / "scores.cache.json"  # scored once, shared by every run
         data_fp = dataset_fingerprint_of(cfg)  # one pass over the files, for every run
+        tasks = [(kind, cfg.train.seed + s) for s in range(seeds) for kind in runs]
+        jobs_ = [RunJob(run_config(cfg, kind, seed),
+                        out_dir / "runs" / (kind if seeds == 1 else f"{kind}-seed{seed}"),
+                        f"{kind} (seed {seed})") for kind, seed in tasks]
+        results = train_all(jobs_, score_cache, data_fp, progress, jobs)
         per_seed: dict[str, list[dict]] = {k: [] for k in runs}
         run_dirs: dict[str, list[str]] = {k: [] for k in runs}
         status: dict[str, list[str]] = {k: [] for k in runs}
-        for s in range(seeds):
-            seed = cfg.train.seed + s
-            for kind in runs:
-                folder = out_dir / "runs" / (kind if seeds == 1 else f"{kind}-seed{seed}")
-                m, what = reuse_or_train(run_config(cfg, kind, seed), folder, score_cache,
-                                         progress, f"{kind} (seed {seed})", data_fp)
-                per_seed[kind].append(m)
-                run_dirs[kind].append(str(folder))
-                status[kind].append(what)
+        for (kind, _), job, (m, what) in zip(tasks, jobs_, results):
+            per_seed[kind].append(m)
+            run_dirs[kind].append(str(job.folder))
+            status[kind].append(what)
         report = aggregate(per_seed)
         report.update(config=cfg.to_dict(), seeds=seeds, run_dirs=run_dirs, run_status=status,
                       plots=[])
@@ -137,6 +140,68 @@ def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1
         atomic_write_text(out_dir / "report.md", render_markdown(report))
         atomic_write_json(out_dir / "report.json", jsonable(report))  # last: the report is done
     return report
+
+
+@dataclass
+class RunJob:
+    cfg: RunConfig
+    folder: Path
+    label: str
+
+
+def train_all(run_jobs: list[RunJob], score_cache: Path, data_fp: dict, progress: bool,
+              jobs: int = 1) -> list[tuple[dict, str]]:
+    """``reuse_or_train`` for every job, in order; ``jobs`` > 1 trains that many at a time.
+
+    Parallel runs each get their own spawned process and an equal share of the usable cores as
+    CPU threads (unless ``train.threads`` is set), and no progress bars. The complexity scores
+    are computed once, here, before any run starts, so no two runs write the score cache.
+    """
+    if jobs < 1:
+        raise DanceError(f"--jobs must be at least 1, got {jobs}")
+    jobs = min(jobs, len(run_jobs))
+    if jobs <= 1:
+        return [reuse_or_train(j.cfg, j.folder, score_cache, progress, j.label, data_fp)
+                for j in run_jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dance.parallel import usable_cores
+    _score_once([j.cfg for j in run_jobs], score_cache, progress)
+    share = max(1, usable_cores() // jobs)
+    for j in run_jobs:
+        if j.cfg.train.threads is None:
+            j.cfg.train.threads = share
+    print(f"[compare] training {len(run_jobs)} runs, {jobs} at a time "
+          f"({share} CPU thread(s) each)", file=sys.stderr)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {id(j): pool.submit(reuse_or_train, j.cfg, j.folder, score_cache, False,
+                                      j.label, data_fp)
+                   for j in sorted(run_jobs, key=_expected_cost, reverse=True)}  # longest first
+        try:
+            return [futures[id(j)].result() for j in run_jobs]
+        except BaseException:
+            for f in futures.values():
+                f.cancel()
+            raise
+
+
+def _expected_cost(job: RunJob) -> float:
+    """Roughly how long a run takes, relative to others of the same recipe."""
+    t, ds = job.cfg.train, job.cfg.data_slimming
+    return t.epochs * t.steps_fraction * (ds.budget if ds.enabled else 1.0)
+
+
+def _score_once(cfgs: list[RunConfig], score_cache: Path, progress: bool) -> None:
+    """Fill the score cache for every indicator a complexity-guided run will read."""
+    from dance.data.datasets import open_dataset
+    from dance.data.scoring import score_dataset
+    guided = [c for c in cfgs if c.data_slimming.enabled
+              and c.data_slimming.policy in ("dance", "shuffled")]
+    for indicator in sorted({c.data_slimming.indicator for c in guided}):
+        d = guided[0].dataset
+        score_dataset(open_dataset(d.name, d.root, d.train_split), (indicator,),
+                      cache_path=score_cache, progress=progress)
 
 
 def reuse_or_train(cfg: RunConfig, folder: Path, score_cache: Path, progress: bool,
@@ -300,13 +365,16 @@ def cli_compare(args) -> int:
     runs = parse_runs(args.runs)
     if args.seeds < 1:
         raise DanceError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.jobs < 1:
+        raise DanceError(f"--jobs must be at least 1, got {args.jobs}")
     out = Path(args.out) if args.out else Path("runs") / "compare"
     if args.saturation:
-        result = saturation(cfg, out, seeds=args.seeds, progress=not args.quiet)
+        result = saturation(cfg, out, seeds=args.seeds, progress=not args.quiet,
+                            jobs=args.jobs)
         print(saturation_table(result))
         print(f"saturation: {out / 'saturation.json'}")
         return 0
-    report = compare(cfg, runs, out, seeds=args.seeds, progress=not args.quiet)
+    report = compare(cfg, runs, out, seeds=args.seeds, progress=not args.quiet, jobs=args.jobs)
     print(summary_table(report))
     print("\n".join(verdicts(report)))
     print(f"report: {out / 'report.md'}")
@@ -318,29 +386,31 @@ CONVERGED_GAIN = 1.0  # mIoU points the 2x run may gain over the 1x run for "nea
 
 
 def saturation(cfg: RunConfig, out_dir: str | Path, seeds: int = 1,
-               progress: bool = True) -> dict:
+               progress: bool = True, jobs: int = 1) -> dict:
     """The plain recipe at 0.5x, 1x and 2x its epochs (same seeds): how far the 1x run is from
     converged. Cutting compute from a run that is still learning fast costs accuracy whatever
     the method, so a claim needs a recipe whose 2x run gains under ``CONVERGED_GAIN``."""
     out_dir = Path(out_dir)
     with locked(out_dir):
         data_fp = dataset_fingerprint_of(cfg)
+        grid = [(max(1, round(cfg.train.epochs * f)), cfg.train.seed + s)
+                for f in SATURATION_FACTORS for s in range(seeds)]
+        run_jobs = []
+        for epochs, seed in grid:
+            run = run_config(cfg, "baseline", seed)
+            run.train.epochs = epochs
+            name = f"baseline-{epochs}ep" + (f"-seed{seed}" if seeds > 1 else "")
+            run_jobs.append(RunJob(run, out_dir / "runs" / name,
+                                   f"plain at {epochs} epochs (seed {seed})"))
+        results = [m for m, _ in train_all(run_jobs, out_dir / "scores.cache.json", data_fp,
+                                           progress, jobs)]
         rows = []
-        for factor in SATURATION_FACTORS:
-            epochs = max(1, round(cfg.train.epochs * factor))
-            per_seed = []
-            for s in range(seeds):
-                run = run_config(cfg, "baseline", cfg.train.seed + s)
-                run.train.epochs = epochs
-                name = f"baseline-{epochs}ep" + (f"-seed{run.train.seed}" if seeds > 1 else "")
-                m, _ = reuse_or_train(run, out_dir / "runs" / name, out_dir / "scores.cache.json",
-                                      progress, f"plain at {epochs} epochs (seed {run.train.seed})",
-                                      data_fp)
-                per_seed.append(m)
+        for i, factor in enumerate(SATURATION_FACTORS):
+            per_seed = results[i * seeds:(i + 1) * seeds]
             miou, std = _mean_std([m["miou"] for m in per_seed])
             seconds, _ = _mean_std([m["train_seconds"] for m in per_seed])
-            rows.append({"factor": factor, "epochs": epochs, "miou": miou, "miou_std": std,
-                         "per_seed_miou": [m["miou"] for m in per_seed],
+            rows.append({"factor": factor, "epochs": grid[i * seeds][0], "miou": miou,
+                         "miou_std": std, "per_seed_miou": [m["miou"] for m in per_seed],
                          "train_seconds": seconds})
         gain = rows[2]["miou"] - rows[1]["miou"]
         result = {"config": cfg.to_dict(), "seeds": seeds, "rows": rows, "gain_2x": gain,
