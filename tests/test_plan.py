@@ -235,3 +235,49 @@ def test_keep_floor_drops_the_least_complex_harder_before_downsampling():
     assert DataSlimmingPlan.from_json(hard.to_json()).keep_floor == pytest.approx(0.2)
     with pytest.raises(DanceError, match="keep_floor"):
         plan(scores, 0.5, keep_floor=0.0)
+
+
+def test_coarse_scales_put_each_epoch_on_the_two_scales_around_its_budget():
+    scores = np.random.default_rng(5).random(120)
+    p = plan(scores, 0.5, schedule="progressive", drop=False, scales_per_epoch=2)
+    ranks = np.array([q.rank for q in p.per_image])
+    targets = progressive_scales(0.5, 6)
+    for e in range(6):
+        pol = p.epoch_policy(e, 6)
+        assert pol.cost == pytest.approx(targets[e] ** 2, rel=1e-9)
+        grid = np.array(p.scale_set)
+        on_grid = np.isclose(pol.scale[:, None], grid[None]).any(1)
+        assert (~on_grid).sum() <= 1  # one boundary image between the two scales
+        assert len(np.unique(pol.scale[on_grid])) <= 2
+        lo, hi = grid[grid <= targets[e] + 1e-12].max(), grid[grid >= targets[e] - 1e-12].min()
+        assert pol.scale.min() >= lo - 1e-12 and pol.scale.max() <= hi + 1e-12
+        # the most complex images hold the upper scale
+        assert (np.diff(pol.scale[np.argsort(ranks)]) >= -1e-12).all()
+    one = plan(scores, 0.5, schedule="progressive", drop=False, scales_per_epoch=1)
+    for e in range(6):
+        np.testing.assert_allclose(one.epoch_policy(e, 6).scale, targets[e])
+    again = DataSlimmingPlan.from_json(json.loads(json.dumps(p.to_json())))
+    np.testing.assert_array_equal(again.epoch_policy(3, 6).scale, p.epoch_policy(3, 6).scale)
+    with pytest.raises(DanceError, match="needs drop=False"):
+        plan(scores, 0.5, scales_per_epoch=2)
+    with pytest.raises(DanceError, match="scales_per_epoch must be 0, 1 or 2"):
+        plan(scores, 0.5, drop=False, scales_per_epoch=3)
+
+
+def test_final_full_ends_the_schedule_at_full_scale_on_the_same_budget():
+    s = progressive_scales(0.5, 12, final_full=0.17)
+    assert s[-2:].tolist() == [1.0, 1.0] and (s[:-2] < 1).all()
+    assert np.mean(s ** 2) == pytest.approx(0.5, rel=1e-12)
+    np.testing.assert_allclose(s[:-2], progressive_scales((0.5 * 12 - 2) / 10, 10))
+    assert (np.diff(s) >= 0).all()
+    scores = np.random.default_rng(6).random(50)
+    p = plan(scores, 0.5, schedule="progressive", drop=False, final_full=0.25)
+    assert (p.epoch_policy(7, 8).scale == 1).all() and (p.epoch_policy(5, 8).scale < 1).any()
+    assert np.mean([p.epoch_policy(e, 8).cost for e in range(8)]) == pytest.approx(0.5, rel=0.01)
+    c = progressive_plan([str(i) for i in range(5)], 0.5, final_full=0.25)
+    assert (c.epoch_policy(7, 8).scale == 1).all()
+    assert DataSlimmingPlan.from_json(c.to_json()).final_full == 0.25
+    with pytest.raises(DanceError, match="needs the progressive schedule"):
+        plan(scores, 0.5, final_full=0.2)
+    with pytest.raises(DanceError, match="cannot pay"):
+        progressive_scales(0.1, 4, final_full=0.5)

@@ -234,3 +234,9 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
     uniform = config_from_dict({"data_slimming": {"policy": "uniform", "drop": True}}).to_dict()
     assert result_config(uniform)["data_slimming"] == {"enabled": True, "policy": "uniform",
                                                        "budget": 0.5}
+    threads = config_from_dict({"train": {"threads": 1}}).to_dict()
+    assert "threads" not in result_config(threads)["train"]  # speed only
+    prog = config_from_dict({"data_slimming": {"policy": "progressive", "final_full": 0.2,
+                                               "scales_per_epoch": 2}}).to_dict()
+    assert result_config(prog)["data_slimming"] == {"enabled": True, "policy": "progressive",
+                                                    "budget": 0.5, "final_full": 0.2}

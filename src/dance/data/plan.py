@@ -163,6 +163,7 @@ class _Rule:
     downsample: bool
     overrides: Mapping[str, float]
     keep_floor: float = KEEP_MIN
+    scales_per_epoch: int = 0  # 0: as many of scale_set as the rule gives; 1 or 2: coarse
 
     def path(self, ranks: np.ndarray) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
         """Starting parameters and the ordered steps (parameter, from, to) of the budget rule."""
@@ -222,8 +223,35 @@ def _effective_beta(beta: float, budget: float, weighting: bool) -> float:
     return beta * min(1.0, 2.0 * (1.0 - budget)) if weighting else 0.0
 
 
+def _coarse(ranks: np.ndarray, budget: float, rule: _Rule) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Coarse scales: every image at one of the (at most two) scales of ``scale_set`` that
+    bracket sqrt(budget), the most complex images at the upper one; with one scale per epoch,
+    every image at sqrt(budget). The image at the boundary takes a scale between the two, so
+    the cost lands on the budget."""
+    n, target = len(ranks), math.sqrt(budget)
+    grid = np.asarray(rule.scale_set)
+    keep = np.ones(n)
+    if rule.scales_per_epoch == 1 or target <= grid[0] or target in rule.scale_set:
+        scale = np.full(n, target)
+        lo = hi = target
+    else:
+        hi = float(grid[np.searchsorted(grid, target)])
+        lo = float(grid[np.searchsorted(grid, target) - 1])
+        share = (budget - lo * lo) / (hi * hi - lo * lo) * n  # images at hi, fractional
+        order = np.argsort(-ranks, kind="stable")  # most complex first
+        scale = np.full(n, lo)
+        whole = int(math.floor(share))
+        scale[order[:whole]] = hi
+        if whole < n:
+            scale[order[whole]] = math.sqrt(lo * lo + (share - whole) * (hi * hi - lo * lo))
+    params = {"drop_quantile": 0.0, "keep_min": 1.0, "s_min": lo, "gamma": 1.0}
+    return scale, keep, params
+
+
 def _solve(ranks: np.ndarray, budget: float, rule: _Rule) -> tuple[np.ndarray, np.ndarray, dict]:
     """(scale, keep_prob, parameters) with predicted cost == budget (docs/method.md#budget-rule)."""
+    if rule.scales_per_epoch:
+        return _coarse(ranks, budget, rule)
     base, steps = rule.path(ranks)
     end = float(len(steps))
 
@@ -269,14 +297,26 @@ def _solve(ranks: np.ndarray, budget: float, rule: _Rule) -> tuple[np.ndarray, n
 
 
 def progressive_scales(budget: float, epochs: int,
-                       s_floor: float = DEFAULT_SCALE_SET[0]) -> np.ndarray:
+                       s_floor: float = DEFAULT_SCALE_SET[0], final_full: float = 0.0) -> np.ndarray:
     """One scale per epoch, linear in the epoch, non-decreasing, with mean(scale²) == budget.
 
     Ends at full scale when the first epoch can stay at >= ``s_floor``; otherwise starts at
     ``s_floor`` and ends lower; a budget below ``s_floor²`` is a flat ``sqrt(budget)``.
+    ``final_full``: the last ``round(final_full * epochs)`` epochs run at full scale (FixRes:
+    train at the resolution of the test), the ramp before them spending what is left.
     """
     if epochs < 1:
         raise DanceError(f"epochs must be >= 1, got {epochs}")
+    if not 0.0 <= final_full < 1.0:
+        raise DanceError(f"final_full must be in [0, 1), got {final_full!r}")
+    n_full = min(int(round(final_full * epochs)), epochs - 1)
+    if n_full:
+        rest = (budget * epochs - n_full) / (epochs - n_full)
+        if rest <= 0:
+            raise DanceError(f"budget {budget:g} cannot pay for {n_full} of {epochs} epochs at "
+                             "full scale")
+        ramp = progressive_scales(rest, epochs - n_full, s_floor)
+        return np.concatenate([ramp, np.ones(n_full)])
     x = np.arange(epochs) / max(epochs - 1, 1)
     m1, m2 = float(x.mean()), float((x ** 2).mean())
     a_coef = 1.0 - 2.0 * m1 + m2  # mean((a + (b - a) x)²) = a² a_coef + 2ab (m1 - m2) + b² m2
@@ -319,6 +359,8 @@ class DataSlimmingPlan:
     overrides: dict[str, float] = field(default_factory=dict)
     keep_floor: float = KEEP_MIN
     permutation: list[int] | None = None  # set by `shuffled`: image i takes image perm[i]'s policy
+    scales_per_epoch: int = 0  # coarse scales (`_coarse`); 0: the budget rule's mix
+    final_full: float = 0.0  # progressive schedule: share of the last epochs at full scale
     _epoch_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -332,7 +374,7 @@ class DataSlimmingPlan:
 
     def _rule(self) -> _Rule:
         return _Rule(self.scale_set, self.drop, self.downsample, dict(self.overrides),
-                     self.keep_floor)
+                     self.keep_floor, self.scales_per_epoch)
 
     def _ranks(self) -> np.ndarray:
         return np.array([p.rank for p in self.per_image], dtype=np.float64)
@@ -365,7 +407,8 @@ class DataSlimmingPlan:
                                     for f in ("scale", "keep_prob", "weight")))
             else:
                 ranks = self._ranks()
-                scales = progressive_scales(self.budget, epochs, self._floor_scale(ranks))
+                scales = progressive_scales(self.budget, epochs, self._floor_scale(ranks),
+                                            self.final_full)
                 pol = self._split(ranks, float(scales[epoch]) ** 2)
                 if self.permutation is not None:
                     perm = np.asarray(self.permutation)
@@ -378,7 +421,7 @@ class DataSlimmingPlan:
         return _build(self.ids, [p.score for p in self.per_image], ranks, self.budget,
                       self.scale_set, self.schedule, self.policy, self.beta, self.drop,
                       self.downsample, self.weighting, self.overrides, permutation,
-                      self.keep_floor)
+                      self.keep_floor, self.scales_per_epoch, self.final_full)
 
     def replan(self, hardness: np.ndarray | Mapping[str, float],
                alpha: float = 0.5) -> DataSlimmingPlan:
@@ -431,6 +474,8 @@ class DataSlimmingPlan:
             "overrides": dict(self.overrides),
             "keep_floor": self.keep_floor,
             "permutation": self.permutation,
+            "scales_per_epoch": self.scales_per_epoch,
+            "final_full": self.final_full,
             "per_image": [{"id": p.id, "score": p.score, "rank": p.rank, "scale": p.scale,
                            "keep_prob": p.keep_prob, "weight": p.weight} for p in self.per_image],
         }
@@ -453,6 +498,8 @@ class DataSlimmingPlan:
                 keep_floor=float(d.get("keep_floor", KEEP_MIN)),
                 permutation=(None if d["permutation"] is None
                              else [int(i) for i in d["permutation"]]),
+                scales_per_epoch=int(d.get("scales_per_epoch", 0)),
+                final_full=float(d.get("final_full", 0.0)),
             )
         except KeyError as e:
             raise DanceError(f"data plan JSON lacks the field {e.args[0]!r}") from None
@@ -508,9 +555,10 @@ class Hardness:
 def _build(ids: list[str], scores: Sequence[float], ranks: np.ndarray, budget: float,
            scale_set: tuple[float, ...], schedule: str, policy: str, beta: float, drop: bool,
            downsample: bool, weighting: bool, overrides: Mapping[str, float],
-           permutation: list[int] | None, keep_floor: float = KEEP_MIN) -> DataSlimmingPlan:
+           permutation: list[int] | None, keep_floor: float = KEEP_MIN,
+           scales_per_epoch: int = 0, final_full: float = 0.0) -> DataSlimmingPlan:
     """Solve the base (static) policy for ``budget`` and wrap it as a plan."""
-    rule = _Rule(scale_set, drop, downsample, dict(overrides), keep_floor)
+    rule = _Rule(scale_set, drop, downsample, dict(overrides), keep_floor, scales_per_epoch)
     if policy == "uniform":
         s = math.sqrt(budget)
         scale, keep, weight = np.full(len(ids), s), np.ones(len(ids)), np.ones(len(ids))
@@ -529,7 +577,7 @@ def _build(ids: list[str], scores: Sequence[float], ranks: np.ndarray, budget: f
         s_min=float(params["s_min"]), gamma=float(params["gamma"]), scale_set=scale_set,
         schedule=schedule, policy=policy, beta=beta, drop=drop, downsample=downsample,
         weighting=weighting, overrides=dict(overrides), keep_floor=keep_floor,
-        permutation=permutation,
+        permutation=permutation, scales_per_epoch=scales_per_epoch, final_full=final_full,
     )
 
 
@@ -567,11 +615,14 @@ def plan(scores: Sequence[float] | Mapping[str, float] | np.ndarray, budget: flo
          ids: Sequence[str] | None = None, *, scale_set: Sequence[float] = DEFAULT_SCALE_SET,
          schedule: str = "static", drop: bool = True, downsample: bool = True,
          weighting: bool = True, beta: float = 0.5, keep_floor: float = KEEP_MIN,
+         scales_per_epoch: int = 0, final_full: float = 0.0,
          **overrides: float) -> DataSlimmingPlan:
     """DANCE's data plan: complexity-guided drops, scales and loss weights under ``budget``.
 
     ``overrides`` pin solver parameters (``s_min``, ``gamma``, ``drop_quantile``, ``keep_min``);
-    the others are still chosen by the budget rule (module docstring).
+    the others are still chosen by the budget rule (module docstring). ``scales_per_epoch`` 1
+    or 2 replaces the mix of scales by coarse ones (``_coarse``; downsampling only).
+    ``final_full`` (progressive schedule): the share of the last epochs at full scale.
     """
     budget, scale_set = _check_common(budget, scale_set, schedule)
     ids, values = _ids_and_scores(scores, ids)
@@ -582,28 +633,46 @@ def plan(scores: Sequence[float] | Mapping[str, float] | np.ndarray, budget: flo
     overrides = _check_overrides(overrides, drop, downsample)
     if not 0.0 < keep_floor <= KEEP_MIN:
         raise DanceError(f"keep_floor must be in (0, {KEEP_MIN}], got {keep_floor!r}")
+    if scales_per_epoch not in (0, 1, 2):
+        raise DanceError(f"scales_per_epoch must be 0, 1 or 2, got {scales_per_epoch!r}")
+    if scales_per_epoch and (drop or not downsample or overrides):
+        raise DanceError("scales_per_epoch 1 or 2 downsamples only: it needs drop=False, "
+                         "downsample=True and no solver overrides")
+    _check_final_full(final_full, schedule)
     return _build(ids, values.tolist(), percentile_rank(values), budget, scale_set, schedule,
-                  "complexity", beta, drop, downsample, weighting, overrides, None, keep_floor)
+                  "complexity", beta, drop, downsample, weighting, overrides, None, keep_floor,
+                  scales_per_epoch, final_full)
+
+
+def _check_final_full(final_full: float, schedule: str) -> None:
+    if not 0.0 <= final_full < 1.0:
+        raise DanceError(f"final_full must be in [0, 1), got {final_full!r}")
+    if final_full and schedule != "progressive":
+        raise DanceError("final_full needs the progressive schedule")
 
 
 def uniform_plan(ids: Sequence[str], budget: float, *, schedule: str = "static",
-                 scale_set: Sequence[float] = DEFAULT_SCALE_SET) -> DataSlimmingPlan:
+                 scale_set: Sequence[float] = DEFAULT_SCALE_SET,
+                 final_full: float = 0.0) -> DataSlimmingPlan:
     """The ``uniform`` control: every image at scale sqrt(budget), keep 1, weight 1."""
     budget, scale_set = _check_common(budget, scale_set, schedule)
+    _check_final_full(final_full, schedule)
     ids = [str(i) for i in ids]
     if not ids:
         raise DanceError("no images to plan for (empty training set?)")
     zeros = np.zeros(len(ids))
     return _build(ids, zeros.tolist(), percentile_rank(zeros), budget, scale_set, schedule,
-                  "uniform", 0.0, False, True, False, {}, None)
+                  "uniform", 0.0, False, True, False, {}, None, final_full=final_full)
 
 
 def progressive_plan(ids: Sequence[str], budget: float, *,
-                     scale_set: Sequence[float] = DEFAULT_SCALE_SET) -> DataSlimmingPlan:
+                     scale_set: Sequence[float] = DEFAULT_SCALE_SET,
+                     final_full: float = 0.0) -> DataSlimmingPlan:
     """The ``progressive`` control: one scale per epoch for every image, growing over training
     (`progressive_scales`), equal total cost, keep 1, weight 1. The number of epochs is given
     later, to `DataSlimmingPlan.epoch_policy`."""
-    return uniform_plan(ids, budget, schedule="progressive", scale_set=scale_set)
+    return uniform_plan(ids, budget, schedule="progressive", scale_set=scale_set,
+                        final_full=final_full)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,12 @@ class DataSlimmingConfig(_Strict):
     weighting: bool = True
     # keep probability the least complex half may fall to before any image is downsampled
     keep_floor: float = Field(0.5, gt=0, le=0.5)
+    # 0: each epoch mixes the scales the budget rule gives; 1 or 2: coarse scales, every image
+    # at one of the (one or two) scales that bracket the epoch's budget, complex images higher
+    scales_per_epoch: Literal[0, 1, 2] = 0
+    # progressive schedule (and the progressive control): the share of the last epochs trained
+    # at full scale, the resolution of evaluation (FixRes); the ramp before spends the rest
+    final_full: float = Field(0.0, ge=0, lt=1)
 
     @field_validator("budget")
     @classmethod

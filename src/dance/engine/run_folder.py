@@ -54,7 +54,10 @@ def result_config(config: dict) -> dict:
     ds = cfg.get("data_slimming", {})
     if ds.get("policy") in ("uniform", "progressive") and ds.get("enabled", True):
         # these controls plan from the budget alone: no scores, drops, weights or re-plans
-        cfg["data_slimming"] = {"enabled": True, "policy": ds["policy"], "budget": ds["budget"]}
+        kept = {"enabled": True, "policy": ds["policy"], "budget": ds["budget"]}
+        if ds["policy"] == "progressive" and ds.get("final_full"):
+            kept["final_full"] = ds["final_full"]  # the one setting of its schedule
+        cfg["data_slimming"] = kept
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
     return cfg

@@ -274,12 +274,13 @@ def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: 
     if ds.policy == "uniform":
         return uniform_plan(ids, ds.budget)
     if ds.policy == "progressive":
-        return progressive_plan(ids, ds.budget)
+        return progressive_plan(ids, ds.budget, final_full=ds.final_full)
     from dance.data.scoring import score_dataset
     rows = score_dataset(train_ds, (ds.indicator,), cache_path=score_cache, progress=progress)
     scores = np.array([r.score for r in rows], dtype=np.float64)
     p = plan(scores, ds.budget, ids, schedule=ds.schedule, drop=ds.drop,
-             downsample=ds.downsample, weighting=ds.weighting, keep_floor=ds.keep_floor)
+             downsample=ds.downsample, weighting=ds.weighting, keep_floor=ds.keep_floor,
+             scales_per_epoch=ds.scales_per_epoch, final_full=ds.final_full)
     if ds.policy == "shuffled":
         p = p.shuffled(cfg.train.seed)
     return p
