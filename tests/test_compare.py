@@ -175,7 +175,10 @@ def test_jobs_train_runs_side_by_side_with_the_same_results(compared, capsys):
     args = ["compare", "--config", str(cfg), *TINY, "--runs", "baseline,dance,shuffled",
             "--quiet"]
     one, two = root.parent / "one", root.parent / "two"
+    import torch
+    threads = torch.get_num_threads()
     assert main([*args, "--out", str(one)]) == 0
+    assert torch.get_num_threads() == threads  # train.threads holds for the run only
     assert main([*args, "--out", str(two), "--jobs", "2"]) == 0
     err = capsys.readouterr().err
     assert "3 runs, 2 at a time" in err
@@ -192,5 +195,6 @@ def test_jobs_train_runs_side_by_side_with_the_same_results(compared, capsys):
     assert main([*args, "--out", str(two), "--jobs", "2"]) == 0
     again = json.loads((two / "report.json").read_text())
     assert again["run_status"]["dance"] == ["reused"]
+    capsys.readouterr()
     assert main([*args, "--out", str(two), "--jobs", "0"]) == 1
     assert capsys.readouterr().err.strip() == "dance compare: error: --jobs must be at least 1, got 0"

@@ -198,3 +198,22 @@ def test_two_process_gloo_torchrun(config, tmp_path):
     # 96 images that is a few percent of real extra compute, counted honestly
     assert abs(m["realised_cost"] - m["planned_cost"]) <= 0.08 * m["planned_cost"]
     assert m["removed_branches"]  # both ranks removed the same branch and finished
+
+
+def test_runs_are_trimmed_to_spend_their_budget(config, tmp_path, tmp_path_factory):
+    """sqrt(0.5) crops round up to 48x88 (over 0.51x the FLOPs of 64x128): without the trim a
+    uniform run overspends; with it the run stops at the step that lands on the budget."""
+    over = run_train(config, tmp_path / "over", "data_slimming.policy=uniform",
+                     "data_slimming.trim_to_budget=false", "network_slimming.enabled=false")
+    assert over["realised_cost"] > 0.51 and over["trained_epochs"] == 2
+    fair = run_train(config, tmp_path / "fair", "data_slimming.policy=uniform",
+                     "network_slimming.enabled=false")
+    assert abs(fair["realised_cost"] - 0.5) <= 0.01 and fair["trained_epochs"] < 2
+    assert fair["cost_note"] is None
+    # a small set at batch 4, where tiny scale buckets are padded to whole batches
+    small = tiny_synth(tmp_path_factory, train=24, val=2, seed=5)
+    cfg = tmp_path / "small.yaml"
+    cfg.write_text(f"dataset: {{name: synth, root: {small}}}\nmodel: {{name: deeplabv3plus_mbv2}}\n"
+                   "network_slimming: {enabled: false}\n")
+    m = run_train(cfg, tmp_path / "small", "train.epochs=4")
+    assert abs(m["realised_cost"] - m["planned_cost"]) <= 0.03 * m["planned_cost"]

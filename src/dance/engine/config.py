@@ -113,6 +113,9 @@ class DataSlimmingConfig(_Strict):
     # progressive schedule (and the progressive control): the share of the last epochs trained
     # at full scale, the resolution of evaluation (FixRes); the ramp before spends the rest
     final_full: float = Field(0.0, ge=0, lt=1)
+    # stop where the batches' real input pixels (crops rounded to multiples of 8, small buckets
+    # padded) reach budget x the plain run's, so every run of a compare spends the same compute
+    trim_to_budget: bool = True
 
     @field_validator("budget")
     @classmethod

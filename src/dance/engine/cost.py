@@ -258,10 +258,15 @@ class EnergyMeter:
 class CostLedger:
     """Training FLOPs of a run as it ran, and as the plain run would have spent them.
 
-    ``full_gflops`` prices every step at the full crop and scales it to "every image kept", so
-    ``realised_cost = train_gflops / full_gflops`` is the run's cost as a fraction of a plain run
-    of the same epochs (see docs/method.md#cost-accounting). Counting is measurement, not
-    training: its seconds are kept apart (``accounting_seconds``) and out of ``train_seconds``.
+    ``full_gflops`` prices every step at the full crop and scales it to "every image kept" of
+    the ``epochs_trained``, so during a run ``realised_cost = train_gflops / full_gflops`` is its
+    cost so far as a fraction of a plain run of as many epochs. ``plain_scale``, the recipe's
+    epochs over the epochs trained (the trainer sets it for the final count of a run that
+    trained fewer), makes it the fraction of a plain run of the whole recipe
+    (see docs/method.md#cost-accounting). ``train_units`` counts what was trained in images at
+    the full crop (each image weighted by its FLOPs over the full crop's), the currency in which
+    a run is trimmed to its budget. Counting is measurement, not training: its seconds are kept
+    apart (``accounting_seconds``) and out of ``train_seconds``.
     """
 
     train_gflops: float = 0.0
@@ -272,14 +277,20 @@ class CostLedger:
     # (strided layers round small inputs up), where pixels and the plan part, the sampling is
     train_mpixels: float = 0.0
     full_mpixels: float = 0.0
+    train_units: float = 0.0
+    epochs_trained: float = 0.0  # fractional: a run trimmed to its budget stops mid-epoch
+    plain_scale: float = 1.0
 
     def add_step(self, model: torch.nn.Module, batch_shape: tuple[int, ...],
                  full_hw: tuple[int, int], full_factor: float) -> None:
         """Charge one optimizer step on a batch of ``batch_shape`` (N, C, H, W)."""
         t0 = time.perf_counter()
         n, _, h, w = batch_shape
-        self.train_gflops += count_gflops(model, (1, 3, h, w), backward=True) * n
-        self.full_gflops += count_gflops(model, (1, 3, *full_hw), backward=True) * n * full_factor
+        step = count_gflops(model, (1, 3, h, w), backward=True)
+        full = count_gflops(model, (1, 3, *full_hw), backward=True)
+        self.train_gflops += step * n
+        self.full_gflops += full * n * full_factor
+        self.train_units += n * step / full
         self.accounting_seconds += time.perf_counter() - t0
         self.images_seen += n
         self.train_mpixels += n * h * w / 1e6
@@ -287,11 +298,11 @@ class CostLedger:
 
     @property
     def realised_cost(self) -> float:
-        return self.train_gflops / max(self.full_gflops, 1e-12)
+        return self.train_gflops / max(self.full_gflops * self.plain_scale, 1e-12)
 
     @property
     def realised_pixel_cost(self) -> float:
-        return self.train_mpixels / max(self.full_mpixels, 1e-12)
+        return self.train_mpixels / max(self.full_mpixels * self.plain_scale, 1e-12)
 
     def off_plan(self, planned: float, tolerance: float = 0.03) -> str | None:
         """Why the realised cost misses ``planned`` by more than ``tolerance`` (relative), in

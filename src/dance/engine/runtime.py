@@ -7,7 +7,7 @@ evaluation and the benchmarks share one definition of each.
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,21 @@ class Runtime:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+@contextmanager
+def cpu_threads(n: int | None):
+    """``torch.set_num_threads(n)`` for the block, the previous count restored after; None
+    leaves it alone."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pick_device(name: str) -> torch.device:

@@ -16,7 +16,8 @@ from dance.engine.cost import CostLedger
 from dance.errors import DanceError
 
 _LEDGER_FIELDS = ("train_gflops", "full_gflops", "images_seen", "accounting_seconds")
-_LEDGER_OPTIONAL = ("train_mpixels", "full_mpixels")  # absent from older checkpoints
+_LEDGER_OPTIONAL = ("train_mpixels", "full_mpixels", "train_units", "epochs_trained")  # absent
+# from older checkpoints
 
 
 @dataclass
@@ -57,7 +58,8 @@ class TrainState:
                    hardness=Hardness(len(d["hardness"]), d["hardness"]),
                    epoch=int(d["epoch"]), global_step=int(d["global_step"]),
                    ledger=CostLedger(**{k: d[k] for k in _LEDGER_FIELDS},
-                                     **{k: d[k] for k in _LEDGER_OPTIONAL if k in d}),
+                                     **{"epochs_trained": float(d["epoch"]),
+                                        **{k: d[k] for k in _LEDGER_OPTIONAL if k in d}}),
                    wall_seconds=float(d["wall_seconds"]), skipped=set(d["skipped"]),
                    history=list(d["history"]), prune_events=list(d["prune_events"]),
                    phases=dict(d.get("phases", {})),

@@ -27,7 +27,7 @@ from dance.data.datasets import SegmentationDataset, open_dataset
 from dance.data.loader import PlannedDataset, collate_planned, raise_batch_errors
 from dance.data.plan import DataSlimmingPlan, Hardness, plan, progressive_plan, uniform_plan
 from dance.data.sampler import BucketedBatchSampler
-from dance.data.transforms import TrainTransform
+from dance.data.transforms import TrainTransform, scaled_crop
 from dance.engine import checkpoint as ckpt
 from dance.engine.config import RunConfig, load_config
 from dance.engine.cost import CostLedger, EnergyMeter, PhaseTimer
@@ -42,10 +42,19 @@ from dance.engine.run_folder import (
     locked,
     run_fingerprint,
 )
-from dance.engine.runtime import Runtime, all_reduce_, autocast, broadcast_from_main, setup_runtime, wrap_ddp
+from dance.engine.runtime import (
+    Runtime,
+    all_reduce_,
+    autocast,
+    broadcast_from_main,
+    cpu_threads,
+    setup_runtime,
+    wrap_ddp,
+)
 from dance.engine.state import TrainState
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json
+from dance.network.flops import count_gflops
 from dance.network.gates import MultiScaleModule, branches
 from dance.network.registry import build_model
 from dance.network.slimming import NetworkSlimmer, rebuild_optimizer
@@ -61,12 +70,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
     """
     out_dir = Path(out_dir)
     rt = setup_runtime(cfg.train.device)
-    with locked(out_dir) if rt.is_main else contextlib.nullcontext():
+    with locked(out_dir) if rt.is_main else contextlib.nullcontext(), \
+            cpu_threads(cfg.train.threads):
         if not resume:
             refuse_existing_run(out_dir)
         tc = cfg.train
-        if tc.threads is not None:
-            torch.set_num_threads(tc.threads)
         torch.manual_seed(tc.seed)
         np.random.seed(tc.seed)
         train_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
@@ -86,7 +94,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
         run.meter.start()
         t_start = time.perf_counter() - state.wall_seconds
-        for epoch in range(state.epoch, math.ceil(horizon_epochs(cfg) - 1e-9)):
+        epoch = state.epoch
+        while set_horizon(run, state, epoch):
             lr, mean_scale = train_one_epoch(run, state, epoch)
             epoch_loss = end_epoch_hardness(state.hardness, cfg, rt)
             filled = state.hardness.filled()
@@ -95,7 +104,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             state.epoch, state.wall_seconds = epoch + 1, time.perf_counter() - t_start
             val = None
             if tc.eval_every and (epoch + 1) % tc.eval_every == 0 \
-                    and epoch + 1 < horizon_epochs(cfg):
+                    and epoch + 1 < run.horizon:
                 with run.timer.phase("eval"):
                     val = evaluate_run(model, val_ds, cfg, rt, run.show)["miou"]
             record = {"epoch": epoch + 1, "step": state.global_step, "loss": epoch_loss,
@@ -108,6 +117,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 with run.timer.phase("checkpoint"):
                     state.phases = run.timer.to_json()
                     save_run_checkpoint(run, state)
+            epoch += 1
         run.meter.stop()
         wall_seconds = time.perf_counter() - t_start
 
@@ -152,6 +162,7 @@ class Run:
     meter: EnergyMeter | None = None
     tb: _Tensorboard | None = None
     fingerprint: dict = field(default_factory=dict)
+    horizon: float = 0.0  # epochs the run trains (`budget_horizon`)
 
 
 def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, float]:
@@ -163,10 +174,11 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
     weights = torch.as_tensor(policy.weight, dtype=torch.float32)
     mean_scale = policy_mean_scale(policy)
     images_this_epoch = sum(len(b) for b in run.sampler.epoch_batches(epoch))
-    # priced as the plain run would: every image kept, every epoch of the recipe
-    full_factor = run.n_images / max(images_this_epoch, 1) / tc.steps_fraction
+    horizon = run.horizon
+    # priced as the plain run would: every image kept (the ledger's plain_scale adds the
+    # epochs of the recipe that the run does not train)
+    full_factor = run.n_images / max(images_this_epoch, 1)
     steps = len(run.sampler)
-    horizon = horizon_epochs(run.cfg)
     run_steps = min(steps, round((horizon - epoch) * steps))  # a short run stops mid-epoch
     run.ddp_model.train()
     bar = tqdm(total=run_steps, desc=f"epoch {epoch + 1}/{math.ceil(horizon)}",
@@ -199,6 +211,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
             with run.timer.phase("prune"):
                 prune_now(run, state, progress_now)
     bar.close()
+    state.ledger.epochs_trained += run_steps / steps
     return lr, mean_scale
 
 
@@ -325,9 +338,61 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 
 
 def horizon_epochs(cfg: RunConfig) -> float:
-    """How many epochs the run trains: the recipe's, or a fraction of them (``short`` runs,
-    whose learning-rate schedule spans the shorter run: docs/method.md#run-kinds)."""
+    """How many epochs the recipe asks for: all of them, or a fraction (``short`` runs, whose
+    learning-rate schedule spans the shorter run: docs/method.md#run-kinds)."""
     return cfg.train.epochs * cfg.train.steps_fraction
+
+
+def budget_horizon(cfg: RunConfig, plan: DataSlimmingPlan, n_images: int, world_size: int = 1,
+                   step_cost=None, from_epoch: int = 0, spent: float = 0.0) -> float:
+    """How many epochs (fractional) the run trains, its learning-rate schedule spanning them.
+
+    A slimmed data plan predicts its cost from scales alone; the batches really trained cost
+    a little more or less: crops are rounded to multiples of 8 pixels, strided layers round
+    small inputs up, and a scale bucket too small for a batch is padded. With
+    ``data_slimming.trim_to_budget``, the batches that ``plan`` gives from ``from_epoch`` on are
+    laid out step by step (the sampler is deterministic) after ``spent`` (what was trained
+    before, in images at the full crop), and the run stops at the step where the total reaches
+    the budget times the plain run's, so every run of a compare spends the same compute
+    (docs/method.md#cost-accounting). ``step_cost(hw)`` is the cost of one image at crop ``hw``
+    (the model's training FLOPs; input pixels when None). The recipe's length is the limit."""
+    base = horizon_epochs(cfg)
+    ds, tc = cfg.data_slimming, cfg.train
+    if not (ds.enabled and ds.trim_to_budget):
+        return base
+    crop = tuple(tc.crop)
+    step_cost = step_cost or (lambda hw: float(hw[0] * hw[1]))
+    full = step_cost(crop)
+    allowed = ds.budget * base * n_images
+    sampler = BucketedBatchSampler(plan, tc.batch_size, tc.epochs, seed=tc.seed,
+                                   world_size=world_size)
+    units: dict[float, float] = {}
+    for epoch in range(from_epoch, math.ceil(base - 1e-9)):
+        batches = sampler.epoch_batches(epoch)
+        for i, batch in enumerate(batches):
+            scale = batch[0][1]
+            if scale not in units:
+                units[scale] = step_cost(scaled_crop(crop, scale)) / full
+            step = units[scale] * len(batch)
+            spent += step
+            if spent > allowed * (1 + 1e-9):  # stop before or after this step, whichever is nearer
+                over, under = spent - allowed, allowed - (spent - step)
+                return min(base, epoch + (i + (over < under)) / len(batches))
+    return base
+
+
+def set_horizon(run: Run, state: TrainState, epoch: int) -> bool:
+    """Before each epoch: the run's horizon from what it has spent and the current plan
+    (`budget_horizon`; a re-plan moves it a little), and whether ``epoch`` is still to train."""
+    spent = state.ledger.train_units
+    if run.rt.distributed:
+        spent = float(all_reduce_(torch.tensor([spent], dtype=torch.float64).to(run.rt.device),
+                                  run.rt).item())
+    model = run.model
+    run.horizon = budget_horizon(run.cfg, state.plan, run.n_images, run.rt.world_size,
+                                 lambda hw: count_gflops(model, (1, 3, *hw), backward=True),
+                                 from_epoch=epoch, spent=spent)
+    return epoch < math.ceil(run.horizon - 1e-9)
 
 
 def scheduled_lr(cfg: RunConfig, progress: float) -> float:
@@ -480,12 +545,15 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
                   wall_seconds: float, resumed: bool) -> dict:
     """metrics.json: validation, cost summed over ranks, energy, and what the run did."""
     rt, model, ledger = run.rt, run.model, state.ledger
-    summed = ("train_gflops", "full_gflops", "images_seen", "train_mpixels", "full_mpixels")
+    summed = ("train_gflops", "full_gflops", "images_seen", "train_mpixels", "full_mpixels",
+              "train_units")
     totals = torch.tensor([getattr(ledger, k) for k in summed], dtype=torch.float64)
     if rt.distributed:
         totals = all_reduce_(totals.to(rt.device), rt).cpu()
     # every rank's steps: the cost, its note and the pixel ratio all come from the same sums
-    total = CostLedger(**dict(zip(summed, (float(v) for v in totals))))
+    # priced against the plain run of the whole recipe, however many epochs this one trained
+    total = CostLedger(**dict(zip(summed, (float(v) for v in totals))),
+                       plain_scale=run.cfg.train.epochs / max(ledger.epochs_trained, 1e-12))
     train_gflops, images_seen = total.train_gflops, total.images_seen
     if run.tb is not None:
         run.tb.scalars(run.cfg.train.epochs, **{"val/miou": val_metrics["miou"]})
@@ -508,6 +576,7 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "energy_joules": run.meter.joules,
         "energy_kind": run.meter.kind,
         "planned_cost": planned,
+        "trained_epochs": ledger.epochs_trained,
         "realised_cost": total.realised_cost,
         "realised_pixel_cost": total.realised_pixel_cost,
         "cost_note": cost_note,
