@@ -13,7 +13,7 @@ def test_demo_runs_to_a_complete_report(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| dance |" in table and "demo finished" in table
     report = json.loads((out / "report.json").read_text())
-    assert set(report["runs"]) == {"baseline", "uniform", "dance"}
+    assert set(report["runs"]) == {"baseline", "short", "uniform", "dance"}
     assert report["ratios"]["dance"]["train_gflops"] <= 0.55
     assert len(list(out.glob("*.png"))) >= 3 and (out / "report.md").is_file()
     # a second call reuses the data and the finished runs
