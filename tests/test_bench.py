@@ -175,3 +175,24 @@ def test_spearman_matches_scipy_without_needing_it():
     assert rho == pytest.approx(ref.statistic, abs=1e-12)
     assert p < 1e-10 and ref.pvalue < 1e-10
     assert np.isnan(spearman(a, np.ones(200))[0])
+
+
+def test_threads_compares_thread_counts_and_runs_side_by_side(capsys, tmp_path):
+    import torch
+
+    from dance.parallel import usable_cores
+    r = run_json(capsys, "threads", "--size", "64x128", "--train", "8", "--epochs", "1",
+                 "--batch", "4", "--workers", "0", "--model-options", TINY_MODEL,
+                 "--data", str(tmp_path / "data"))
+    assert_machine(r["machine"])
+    rows = r["rows"]
+    cores = usable_cores()
+    assert [row["threads"] for row in rows if row["runs"] == 1][0] == 1
+    assert [row["threads"] for row in rows if row["runs"] == 1][-1] == cores
+    assert all(row["images_per_second"] > 0 for row in rows)
+    ref = next(row for row in rows if row["runs"] == 1
+               and row["threads"] == r["setup"]["default_threads"])
+    assert ref["ratio"] == pytest.approx(1.0)
+    if cores > 1:
+        assert rows[-1]["runs"] == cores and rows[-1]["threads"] == 1
+    assert torch.get_num_threads() == r["setup"]["default_threads"]  # left as it was

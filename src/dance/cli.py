@@ -155,6 +155,18 @@ def _bench_commands(sub) -> None:
                    help="keep the runs and results.json here (default: a temp folder)")
     p.add_argument("--data", default=None, help="SynthStreets root (default: OUT/data)")
 
+    p = command("threads", "training images/s of the machine at each CPU thread count, and with "
+                "one one-thread run per core side by side (compare --jobs)")
+    p.add_argument("--model", default="deeplabv3plus_mbv2", help="model name (as model.name)")
+    p.add_argument("--model-options", type=_model_options, default=None,
+                   help="JSON builder options (default: the demo's small ones for its model)")
+    p.add_argument("--size", type=_size, default=(64, 128), help="HxW of images and crop")
+    p.add_argument("--train", type=_int_at_least(2), default=96, help="training images")
+    p.add_argument("--epochs", type=_int_at_least(1), default=2, help="epochs of each run")
+    p.add_argument("--batch", type=_int_at_least(1), default=8, help="batch size")
+    p.add_argument("--workers", type=_int_at_least(0), default=1, help="loader processes per run")
+    p.add_argument("--data", default=None, help="SynthStreets root (generated if incomplete)")
+
     p = command("pipeline", "data-pipeline images/s at each data-plan scale vs full scale and "
                 "decode-only")
     p.add_argument("--n", type=_int_at_least(2), default=64, help="SynthStreets images")

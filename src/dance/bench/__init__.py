@@ -9,6 +9,8 @@ and ``run``, the handler of its ``dance bench`` subcommand (the options live in 
 * `dance.bench.models`: params, GFLOPs and latency of each model before and after removing its
   largest multi-scale branch;
 * `dance.bench.train`: the plain run and DANCE trained with the same data, model, epochs and seed;
+* `dance.bench.threads`: training images/s of the machine at each CPU thread count, and with one
+  one-thread run per core side by side (what `dance compare --jobs` does);
 * `dance.bench.pipeline`: decode + augment + collate throughput at every scale of the data plan
   next to full scale, and decode alone: whether the data pipeline eats the savings of
   downsampling (the image is decoded at full resolution whatever its scale).
