@@ -108,3 +108,19 @@ def test_progressive_control_has_one_growing_scale_per_epoch():
     flat = [x.pop() for x in scales]
     assert flat == sorted(flat) and flat[0] == 0.5
     assert all(sum(len(b) for b in s.epoch_batches(e)) == 20 for e in range(4))
+
+
+def test_multigrid_batches_hold_the_pixels_of_a_full_scale_batch():
+    p = progressive_plan([str(i) for i in range(64)], 0.5)
+    plain = BucketedBatchSampler(p, 4, epochs=4, seed=0)
+    mg = BucketedBatchSampler(p, 4, epochs=4, seed=0, multigrid=True)
+    for epoch in range(4):
+        scale = p.epoch_policy(epoch, 4).scale[0]
+        batches = mg.epoch_batches(epoch)
+        assert mg.bucket_batch_size(scale) == max(1, round(4 / scale ** 2))
+        # (a one-image tail joins the batch before it: BatchNorm needs two)
+        assert max(len(b) for b in batches) - mg.bucket_batch_size(scale) in (0, 1)
+        # every image once, in fewer steps than without multigrid
+        assert sorted(i for b in batches for i, _, _ in b) == list(range(64))
+        assert len(batches) <= len(plain.epoch_batches(epoch))
+    assert len(mg.epoch_batches(0)) < len(plain.epoch_batches(0))  # scale 0.5: 16-image batches

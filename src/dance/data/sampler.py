@@ -10,6 +10,11 @@ steps. A short last chunk is padded to a multiple of ``world_size`` by repeating
 bucket (as ``DistributedSampler`` pads). A tail that would leave a rank one image (BatchNorm needs
 two) joins the batch before it; only a bucket with a single image per rank in all is padded. With
 one process every kept image appears exactly once otherwise.
+
+With ``multigrid`` (Wu et al., "A Multigrid Method for Efficiently Training Video Models", CVPR
+2020) a bucket at scale s is cut into batches of ``round(batch_size / s²)`` images, so every
+step holds about the pixels of a full-scale batch; the trainer scales the learning rate by the
+batch's size over ``batch_size`` (the linear scaling rule).
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ class BucketedBatchSampler(torch.utils.data.Sampler):
     """Batches of one scale each, from the plan's policy of the current epoch."""
 
     def __init__(self, plan: DataSlimmingPlan, batch_size: int, epochs: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, multigrid: bool = False):
         if batch_size < 1:
             raise DanceError(f"batch_size must be >= 1, got {batch_size}")
         if epochs < 1:
@@ -56,11 +61,19 @@ class BucketedBatchSampler(torch.utils.data.Sampler):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.multigrid = multigrid
         self.epoch = 0
         self._cache: tuple[DataSlimmingPlan, int, list[list[Key]]] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def bucket_batch_size(self, scale: float) -> int:
+        """Images per rank in a batch of ``scale``: ``batch_size``, or with multigrid about
+        ``batch_size / scale²`` (the same pixels as a full-scale batch)."""
+        if not self.multigrid:
+            return self.batch_size
+        return max(1, round(self.batch_size / (scale * scale)))
 
     def epoch_batches(self, epoch: int) -> list[list[Key]]:
         """The global batches of ``epoch`` (all ranks together), in step order."""
@@ -68,15 +81,16 @@ class BucketedBatchSampler(torch.utils.data.Sampler):
             return self._cache[2]
         policy = self.plan.epoch_policy(epoch, self.epochs)
         rng = np.random.default_rng([self.seed, epoch])
-        global_size = self.batch_size * self.world_size
         chunks: list[tuple[float, np.ndarray]] = []
         for scale in np.unique(policy.scale):  # sorted, so the draws are order-stable
+            per_rank = self.bucket_batch_size(float(scale))
+            global_size = per_rank * self.world_size
             members = rng.permutation(np.flatnonzero(policy.scale == scale))
             bucket = members[_systematic_draw(policy.keep_prob[members], rng)]
             pieces = [bucket[s:s + global_size] for s in range(0, len(bucket), global_size)]
             # BatchNorm in train mode cannot take one sample per rank: fold such a tail into
             # the batch before it (one slightly larger batch of the same scale)
-            min_size = self.world_size * (2 if self.batch_size > 1 else 1)
+            min_size = self.world_size * (2 if per_rank > 1 else 1)
             if len(pieces) > 1 and len(pieces[-1]) < min_size:
                 tail = pieces.pop()
                 pieces[-1] = np.concatenate([pieces[-1], tail])

@@ -117,6 +117,9 @@ class DataSlimmingConfig(_Strict):
     # stop where the batches' real input pixels (crops rounded to multiples of 8, small buckets
     # padded) reach budget x the plain run's, so every run of a compare spends the same compute
     trim_to_budget: bool = True
+    # at scale s a batch holds about batch_size / s² images (the pixels of a full-scale batch),
+    # the learning rate scaled by the linear rule (Multigrid training, Wu et al. 2020)
+    multigrid: bool = False
 
     @field_validator("budget")
     @classmethod

@@ -190,6 +190,8 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
         raise_batch_errors(batch)
         state.skipped.update(batch.get("skipped", []))
         lr = scheduled_lr(run.cfg, (epoch + i / steps) / horizon)
+        if run.sampler.multigrid:  # the linear scaling rule: a batch k times larger, k times the lr
+            lr *= batch["image"].shape[0] / tc.batch_size
         for g in run.optimizer.param_groups:
             g["lr"] = lr
         bar.update(1)
@@ -365,7 +367,7 @@ def budget_horizon(cfg: RunConfig, plan: DataSlimmingPlan, n_images: int, world_
     full = step_cost(crop)
     allowed = ds.budget * base * n_images
     sampler = BucketedBatchSampler(plan, tc.batch_size, tc.epochs, seed=tc.seed,
-                                   world_size=world_size)
+                                   world_size=world_size, multigrid=ds.multigrid)
     units: dict[float, float] = {}
     for epoch in range(from_epoch, math.ceil(base - 1e-9)):
         batches = sampler.epoch_batches(epoch)
@@ -460,7 +462,8 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
     data = PlannedDataset(train_ds, transform, seed=tc.seed, on_bad_sample=tc.on_bad_sample)
     sampler = BucketedBatchSampler(state.plan, tc.batch_size,
                                    tc.epochs, seed=tc.seed, rank=rt.rank,
-                                   world_size=rt.world_size)
+                                   world_size=rt.world_size,
+                                   multigrid=cfg.data_slimming.enabled and cfg.data_slimming.multigrid)
     loader = DataLoader(data, batch_sampler=sampler, num_workers=tc.workers,
                         collate_fn=collate_planned, pin_memory=rt.device.type == "cuda",
                         # the batch sampler runs in this process, so workers can live across
