@@ -139,16 +139,21 @@ def _bench_commands(sub) -> None:
     p.add_argument("--threads", type=_int_at_least(1), default=2, help="CPU threads")
     p.add_argument("--num-classes", type=_int_at_least(1), default=19, help="output classes")
 
+    def training_run(p: argparse.ArgumentParser, size: tuple[int, int], train: int) -> None:
+        """The options of a benchmark that trains SynthStreets runs."""
+        p.add_argument("--model", default="deeplabv3plus_mbv2", help="model name (as model.name)")
+        p.add_argument("--model-options", type=_model_options, default=None,
+                       help="JSON builder options (default: the demo's small ones for its model)")
+        p.add_argument("--size", type=_size, default=size, help="HxW of images and crop")
+        p.add_argument("--train", type=_int_at_least(2), default=train, help="training images")
+        p.add_argument("--epochs", type=_int_at_least(1), default=2, help="epochs of each run")
+        p.add_argument("--batch", type=_int_at_least(1), default=8, help="batch size")
+        p.add_argument("--workers", type=_int_at_least(0), default=1,
+                       help="loader processes per run")
+
     p = command("train", "plain vs DANCE training side by side: images/s, wall time, FLOPs, energy")
-    p.add_argument("--model", default="deeplabv3plus_mbv2", help="model name (as model.name)")
-    p.add_argument("--model-options", type=_model_options, default=None,
-                   help="JSON builder options (default: the demo's small ones for its model)")
-    p.add_argument("--size", type=_size, default=(128, 256), help="HxW of images and crop")
-    p.add_argument("--train", type=_int_at_least(2), default=64, help="training images")
+    training_run(p, (128, 256), 64)
     p.add_argument("--val", type=_int_at_least(1), default=8, help="validation images")
-    p.add_argument("--epochs", type=_int_at_least(1), default=2, help="epochs of each run")
-    p.add_argument("--batch", type=_int_at_least(1), default=8, help="batch size")
-    p.add_argument("--workers", type=_int_at_least(0), default=1, help="loader processes")
     p.add_argument("--budget", type=_budget, default=0.5, help="DANCE's data budget")
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None,
@@ -157,14 +162,7 @@ def _bench_commands(sub) -> None:
 
     p = command("threads", "training images/s of the machine at each CPU thread count, and with "
                 "one one-thread run per core side by side (compare --jobs)")
-    p.add_argument("--model", default="deeplabv3plus_mbv2", help="model name (as model.name)")
-    p.add_argument("--model-options", type=_model_options, default=None,
-                   help="JSON builder options (default: the demo's small ones for its model)")
-    p.add_argument("--size", type=_size, default=(64, 128), help="HxW of images and crop")
-    p.add_argument("--train", type=_int_at_least(2), default=96, help="training images")
-    p.add_argument("--epochs", type=_int_at_least(1), default=2, help="epochs of each run")
-    p.add_argument("--batch", type=_int_at_least(1), default=8, help="batch size")
-    p.add_argument("--workers", type=_int_at_least(0), default=1, help="loader processes per run")
+    training_run(p, (64, 128), 96)
     p.add_argument("--data", default=None, help="SynthStreets root (generated if incomplete)")
 
     p = command("pipeline", "data-pipeline images/s at each data-plan scale vs full scale and "
