@@ -196,3 +196,17 @@ def test_threads_compares_thread_counts_and_runs_side_by_side(capsys, tmp_path):
     if cores > 1:
         assert rows[-1]["runs"] == cores and rows[-1]["threads"] == 1
     assert torch.get_num_threads() == r["setup"]["default_threads"]  # left as it was
+
+
+@pytest.mark.slow
+def test_converged_script_dry_run_takes_the_whole_path_on_the_cpu(tmp_path, capsys):
+    """benchmarks/converged.py is what a GPU session runs unchanged; --dry-run checks it here."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "converged.py"
+    mod = runpy.run_path(str(script))
+    out = tmp_path / "conv"
+    assert mod["run"](["--dry-run", "--jobs", "2", "--out", str(out)]) == 0
+    sat = json.loads((out / "saturation" / "saturation.json").read_text())
+    assert [r["epochs"] for r in sat["rows"]] == [1, 2, 4]
+    report = json.loads((out / "compare" / "report.json").read_text())
+    assert list(report["runs"]) == mod["RUNS"].split(",")
+    assert "DANCE vs progressive" in capsys.readouterr().out
