@@ -109,8 +109,9 @@ class DataSlimmingConfig(_Strict):
     keep_floor: float = Field(0.5, gt=0, le=0.5)
     # 0: each epoch mixes the scales the budget rule gives; 1 or 2: coarse scales, every image
     # at one of the (one or two) scales that bracket the epoch's budget, complex images higher.
-    # Two beat the mix by 1.6 mIoU, beyond the seed spread (BENCHMARKS.md, "Ablations")
-    scales_per_epoch: Literal[0, 1, 2] = 2
+    # One scale per epoch measured best (BENCHMARKS.md, "Ablations, second round"): +0.79 mIoU
+    # over two at 24 epochs, beyond the seed spread; the complexity then guides the loss weights
+    scales_per_epoch: Literal[0, 1, 2] = 1
     # progressive schedule (and the progressive control): the share of the last epochs trained
     # at full scale, the resolution of evaluation (FixRes); the ramp before spends the rest
     final_full: float = Field(0.0, ge=0, lt=1)
