@@ -177,6 +177,7 @@ def test_spearman_matches_scipy_without_needing_it():
     assert np.isnan(spearman(a, np.ones(200))[0])
 
 
+@pytest.mark.slow
 def test_threads_compares_thread_counts_and_runs_side_by_side(capsys, tmp_path):
     import torch
 
