@@ -345,16 +345,16 @@ def horizon_epochs(cfg: RunConfig) -> float:
     return cfg.train.epochs * cfg.train.steps_fraction
 
 
-def budget_horizon(cfg: RunConfig, plan: DataSlimmingPlan, n_images: int, world_size: int = 1,
+def budget_horizon(cfg: RunConfig, sampler: BucketedBatchSampler, n_images: int,
                    step_cost=None, from_epoch: int = 0, spent: float = 0.0) -> float:
     """How many epochs (fractional) the run trains, its learning-rate schedule spanning them.
 
     A slimmed data plan predicts its cost from scales alone; the batches really trained cost
     a little more or less: crops are rounded to multiples of 8 pixels, strided layers round
     small inputs up, and a scale bucket too small for a batch is padded. With
-    ``data_slimming.trim_to_budget``, the batches that ``plan`` gives from ``from_epoch`` on are
-    laid out step by step (the sampler is deterministic) after ``spent`` (what was trained
-    before, in images at the full crop), and the run stops at the step where the total reaches
+    ``data_slimming.trim_to_budget``, the batches that ``sampler`` gives from ``from_epoch`` on
+    (all ranks' together) are laid out step by step (it is deterministic) after ``spent`` (what
+    was trained before, in images at the full crop), and the run stops at the step where the total reaches
     the budget times the plain run's, so every run of a compare spends the same compute
     (docs/method.md#cost-accounting). ``step_cost(hw)`` is the cost of one image at crop ``hw``
     (the model's training FLOPs; input pixels when None). The recipe's length is the limit."""
@@ -366,8 +366,6 @@ def budget_horizon(cfg: RunConfig, plan: DataSlimmingPlan, n_images: int, world_
     step_cost = step_cost or (lambda hw: float(hw[0] * hw[1]))
     full = step_cost(crop)
     allowed = ds.budget * base * n_images
-    sampler = BucketedBatchSampler(plan, tc.batch_size, tc.epochs, seed=tc.seed,
-                                   world_size=world_size, multigrid=ds.multigrid)
     units: dict[float, float] = {}
     for epoch in range(from_epoch, math.ceil(base - 1e-9)):
         batches = sampler.epoch_batches(epoch)
@@ -391,7 +389,8 @@ def set_horizon(run: Run, state: TrainState, epoch: int) -> bool:
         spent = float(all_reduce_(torch.tensor([spent], dtype=torch.float64).to(run.rt.device),
                                   run.rt).item())
     model = run.model
-    run.horizon = budget_horizon(run.cfg, state.plan, run.n_images, run.rt.world_size,
+    run.sampler.plan = state.plan  # the plan the coming epochs train from
+    run.horizon = budget_horizon(run.cfg, run.sampler, run.n_images,
                                  lambda hw: count_gflops(model, (1, 3, *hw), backward=True),
                                  from_epoch=epoch, spent=spent)
     return epoch < math.ceil(run.horizon - 1e-9)
