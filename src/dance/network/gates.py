@@ -122,11 +122,25 @@ class GatedBranches(MultiScaleModule):
                     return parent, attr, child
         raise TypeError("projection has no Conv2d")
 
+    def out_channels(self, name: str) -> int:
+        """The channels branch ``name`` feeds the concatenation now: those of its last
+        BatchNorm or convolution (channel slimming may have narrowed it since construction),
+        else the count given at construction."""
+        last = None
+        for m in self.branches[name].modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.Conv2d)):
+                last = m
+        if isinstance(last, nn.BatchNorm2d):
+            return last.num_features
+        if isinstance(last, nn.Conv2d):
+            return last.out_channels
+        return self.branch_channels[name]
+
     def _remove(self, names: list[str]) -> None:
         if self.project is not None:
             keep, start = [], 0
             for n in self.branches:
-                c = self.branch_channels[n]
+                c = self.out_channels(n)
                 if n not in names:
                     keep.extend(range(start, start + c))
                 start += c

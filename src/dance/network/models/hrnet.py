@@ -233,14 +233,20 @@ class HRNet(MultiScaleModule):
         gates = self.stream_gates()
         return self.head(self.backbone(x, gates), gates)
 
+    def stream_width(self, i: int) -> int:
+        """Stream ``i``'s channels now (channel slimming may have narrowed it): those of its last
+        block in the last stage."""
+        return self.backbone.stage4[-1].branches[i][-1].bn2.num_features
+
     def _remove(self, names: list[str]) -> None:
         live = [0] + [STREAMS.index(n) + 1 for n in self.gates]
         drop = {STREAMS.index(n) + 1 for n in names}
         keep, start = [], 0
         for i in live:  # the head's concat holds the live streams in order
+            width = self.stream_width(i)
             if i not in drop:
-                keep.extend(range(start, start + self.widths[i]))
-            start += self.widths[i]
+                keep.extend(range(start, start + width))
+            start += width
         conv = self.head.fuse[0]
         self.head.fuse[0] = slice_conv_inputs(
             conv, torch.tensor(keep, dtype=torch.long, device=conv.weight.device))
