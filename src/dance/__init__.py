@@ -18,12 +18,14 @@ __all__ = [
     "DanceError",
     "branches",
     "build_model",
+    "channel_groups",
     "count_gflops",
     "export",
     "list_models",
     "load_model",
     "plan",
     "remove_branches",
+    "remove_channels",
     "spatial_complexity",
 ]
 
@@ -48,6 +50,16 @@ def branches(model, input_shape=(1, 3, 512, 1024)):
 def remove_branches(model, names):
     from dance.network.gates import remove_branches as _f
     return _f(model, names)
+
+
+def channel_groups(model, input_shape=(1, 3, 512, 1024)):
+    from dance.network.channels import channel_groups as _f
+    return _f(model, input_shape)
+
+
+def remove_channels(model, layer, channels):
+    from dance.network.channels import remove_channels as _f
+    return _f(model, layer, channels)
 
 
 def count_gflops(model, input_shape=(1, 3, 512, 1024), backward=False) -> float:

@@ -140,6 +140,12 @@ class NetworkSlimmingConfig(_Strict):
     loss_tolerance: float = Field(0.01, ge=0)  # probe-loss rise counted as negligible
     max_removals_per_point: int = Field(1, ge=1)  # per module, so slimming is progressive
     probe_batches: int = Field(1, ge=1)  # held-out batches per importance measurement
+    # channel slimming (docs/method.md#channel-slimming): with a network_budget, the budget is met
+    # by removing channel groups and branches together; channel_lambda weighs the cost-aware L1
+    # term on the groups' BatchNorm scales (applied only when there is a budget to meet)
+    channels: bool = True
+    channel_lambda: float = Field(1e-4, ge=0)
+    channel_importance: Literal["taylor", "bn_scale"] = "taylor"
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

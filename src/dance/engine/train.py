@@ -53,7 +53,7 @@ from dance.engine.runtime import (
 )
 from dance.engine.state import TrainState
 from dance.errors import DanceError
-from dance.fileio import atomic_write_json
+from dance.fileio import atomic_write_json, jsonable
 from dance.network.flops import count_gflops
 from dance.network.gates import MultiScaleModule, branches
 from dance.network.registry import build_model
@@ -239,15 +239,21 @@ def optimizer_step(run: Run, batch: dict, weights: torch.Tensor, mean_scale: flo
 
 
 def prune_now(run: Run, state: TrainState, progress: float) -> None:
-    """A scheduled pruning point: remove branches, then rebuild the optimizer and DDP wrap."""
-    event = run.slimmer.prune(run.model, run.probe, _probe_loss, progress)
-    agreed = broadcast_from_main(event.to_json(), run.rt)  # every rank removes the same branches
-    if sorted(agreed["removed"]) != sorted(event.removed):
-        raise RuntimeError("ranks disagreed on the branches to remove")
+    """A scheduled pruning point: remove branches and channels, then rebuild the optimizer and
+    DDP wrap. Under DDP rank 0 decides and every other rank replays its removals, in order."""
+    arch = run.model.dance_arch
+    before = len(arch.removed)
+    payload = None
+    if run.rt.is_main:
+        event = run.slimmer.prune(run.model, run.probe, _probe_loss, progress)
+        payload = {"event": event.to_json(), "ops": jsonable(arch.removed[before:])}
+    payload = broadcast_from_main(payload, run.rt)
+    if not run.rt.is_main:
+        event = run.slimmer.follow(run.model, payload["event"], payload["ops"], progress)
     run.optimizer = rebuild_optimizer(run.optimizer, run.model)
     run.ddp_model = wrap_ddp(run.model, run.rt)
     state.prune_events.append(event.to_json())
-    if run.show and event.removed:
+    if run.show and (event.removed or event.channels):
         tqdm.write(f"[prune @ {progress:.0%}] {event.message}", file=sys.stderr)
 
 
@@ -323,7 +329,10 @@ def make_slimmer(cfg: RunConfig, model: nn.Module) -> NetworkSlimmer | None:
                           gate_threshold=ns.gate_threshold, network_budget=ns.network_budget,
                           importance=ns.importance, input_shape=(1, 3, h, w),
                           loss_tolerance=ns.loss_tolerance,
-                          max_removals_per_point=ns.max_removals_per_point)
+                          max_removals_per_point=ns.max_removals_per_point,
+                          channels=ns.channels and ns.network_budget is not None,
+                          channel_lambda=ns.channel_lambda,
+                          channel_importance=ns.channel_importance)
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -434,8 +443,8 @@ def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: Networ
                          f"{describe_diff(differs)}; pass --force to continue it anyway, or "
                          "choose another --out")
     if arch.get("removed"):
-        from dance.network.gates import remove_branches
-        remove_branches(model, arch["removed"])
+        from dance.network.channels import replay
+        replay(model, arch["removed"])
     ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
     restored = TrainState.from_json(saved["train_state"], str(folder / ckpt.STATE_FILE))
     restored.forced_resume = restored.forced_resume or bool(differs)
@@ -582,7 +591,9 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "realised_cost": total.realised_cost,
         "realised_pixel_cost": total.realised_pixel_cost,
         "cost_note": cost_note,
-        "removed_branches": list(model.dance_arch.removed),
+        "removed_branches": model.dance_arch.removed_branches,
+        "removed_channels": sum(len(r["channels"]) for r in model.dance_arch.removed
+                                if isinstance(r, dict)),
         "skipped_samples": len(state.skipped),
         "skipped_files": sorted(state.skipped),
         "model": run.cfg.model.name,
@@ -641,5 +652,7 @@ def cli_train(args) -> int:
         print(f"mIoU {metrics['miou']:.2f}  train {metrics['train_gflops_total']:.1f} GFLOPs "
               f"(realised cost {metrics['realised_cost']:.3f} of plain, planned "
               f"{metrics['planned_cost']:.3f})  {metrics['train_seconds']:.1f} s  "
-              f"removed {metrics['removed_branches'] or 'none'}  -> {out / 'metrics.json'}")
+              f"removed {metrics['removed_branches'] or 'none'}"
+              + (f" and {metrics['removed_channels']} channels" if metrics["removed_channels"]
+                 else "") + f"  -> {out / 'metrics.json'}")
     return 0

@@ -35,11 +35,13 @@ class Architecture:
     name: str
     num_classes: int
     kwargs: dict[str, Any] = field(default_factory=dict)  # builder options, e.g. aspp_channels
-    removed: list[str] = field(default_factory=list)  # removed branches, in removal order
+    # what slimming removed, in order: branch names ("aspp.rate18") and channel removals
+    # ({"layer": root convolution's path, "channels": [indices]})
+    removed: list[str | dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"name": self.name, "num_classes": self.num_classes, "kwargs": dict(self.kwargs),
-                "removed": list(self.removed)}
+                "removed": [r if isinstance(r, str) else dict(r) for r in self.removed]}
 
     @classmethod
     def from_json(cls, d: Any, source: str = "architecture") -> Architecture:
@@ -47,19 +49,29 @@ class Architecture:
         ok = (isinstance(d, Mapping) and isinstance(d.get("name"), str)
               and isinstance(d.get("num_classes"), int) and isinstance(d.get("kwargs", {}), Mapping)
               and isinstance(d.get("removed", []), list)
-              and all(isinstance(r, str) for r in d.get("removed", [])))
+              and all(isinstance(r, str) or _is_channel_removal(r) for r in d.get("removed", [])))
         if not ok:
             raise DanceError(f"{source}: malformed architecture (expected name, num_classes, "
                              f"kwargs, removed), got {d!r:.200}")
-        return cls(d["name"], d["num_classes"], dict(d.get("kwargs", {})), list(d.get("removed", [])))
+        removed = [r if isinstance(r, str) else {"layer": r["layer"], "channels": list(r["channels"])}
+                   for r in d.get("removed", [])]
+        return cls(d["name"], d["num_classes"], dict(d.get("kwargs", {})), removed)
+
+    @property
+    def removed_branches(self) -> list[str]:
+        return [r for r in self.removed if isinstance(r, str)]
 
     def build(self) -> nn.Module:
-        """This architecture, untrained (the removed branches removed again)."""
-        from dance.network.gates import remove_branches
+        """This architecture, untrained (what slimming removed removed again, in order)."""
+        from dance.network.channels import replay
         model = build_model(self.name, self.num_classes, None, **self.kwargs)
-        if self.removed:
-            remove_branches(model, self.removed)
-        return model
+        return replay(model, self.removed)
+
+
+def _is_channel_removal(r: Any) -> bool:
+    return (isinstance(r, Mapping) and isinstance(r.get("layer"), str)
+            and isinstance(r.get("channels"), list)
+            and all(isinstance(c, int) and not isinstance(c, bool) for c in r["channels"]))
 
 
 def architecture(model: nn.Module) -> Architecture:

@@ -32,18 +32,21 @@ The rule at each scheduled point, in this order (each module always keeps at lea
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from dance.engine.runtime import unwrap_model
 from dance.errors import DanceError
-from dance.network.flops import count_gflops
+from dance.network import channels as ch
+from dance.network.flops import architecture_signature, count_gflops
 from dance.network.gates import branches, multiscale_modules, remove_branches
 
 IMPORTANCE_KINDS = ("loss", "gate")
+CHANNEL_IMPORTANCE_KINDS = ("taylor", "bn_scale")
 # Below this many GFLOPs a branch counts as free; keeps importance-per-GFLOP finite (and JSON-able).
 _MIN_GFLOPS = 1e-9
 
@@ -61,6 +64,12 @@ class PruneEvent:
     ``gflops_saved`` (inference GFLOPs its removal saves at the slimmer's input shape), ``score``
     (importance per GFLOP: ``loss_rise`` or ``rel_gate`` over ``gflops_saved``) and
     ``removed_by`` (``None``, ``"gate_threshold"``, ``"negligible_loss"`` or ``"budget"``).
+
+    ``channels`` lists every channel removal, in order: ``layer`` (the group's root convolution),
+    ``channels`` (indices at the time), ``width_before``, ``importance`` (the removed channels'
+    summed importance), ``gflops_saved`` (estimated, at the slimmer's input shape) and ``score``
+    (importance per GFLOP). ``widths`` maps every removable group's root layer to its width after
+    this point.
     """
 
     progress: float
@@ -71,6 +80,8 @@ class PruneEvent:
     message: str
     probe_loss: float | None = None
     target_gflops: float | None = None
+    channels: list[dict] = field(default_factory=list)
+    widths: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -126,7 +137,8 @@ class NetworkSlimmer:
                  prune_at: Sequence[float] = (0.3, 0.5, 0.7), gate_threshold: float = 0.1,
                  network_budget: float | None = None, importance: str = "loss",
                  input_shape: Sequence[int] = (1, 3, 512, 1024), loss_tolerance: float = 0.01,
-                 max_removals_per_point: int = 1):
+                 max_removals_per_point: int = 1, channels: bool = False,
+                 channel_lambda: float = 1e-4, channel_importance: str = "taylor"):
         if not lam >= 0:
             raise DanceError(f"network_slimming.lambda must be >= 0, got {lam!r}")
         prune_at = sorted({float(p) for p in prune_at})
@@ -155,6 +167,15 @@ class NetworkSlimmer:
         if max_removals_per_point < 1:
             raise DanceError(f"max_removals_per_point must be >= 1, got {max_removals_per_point}")
         self.max_removals_per_point = int(max_removals_per_point)
+        if not channel_lambda >= 0:
+            raise DanceError(f"network_slimming.channel_lambda must be >= 0, got {channel_lambda!r}")
+        if channel_importance not in CHANNEL_IMPORTANCE_KINDS:
+            raise DanceError(f"channel_importance must be one of "
+                             f"{', '.join(CHANNEL_IMPORTANCE_KINDS)}, got {channel_importance!r}")
+        self.channels = bool(channels)
+        self.channel_lambda = float(channel_lambda)
+        self.channel_importance = channel_importance
+        self._channel_terms: dict[tuple, list[tuple[list[str], float]]] = {}
         self.original_gflops = count_gflops(unwrap_model(model), self.input_shape)
         self.done: list[float] = []
         self.events: list[PruneEvent] = []
@@ -176,16 +197,35 @@ class NetworkSlimmer:
         return self._weights[key]
 
     def sparsity_loss(self, model: nn.Module, mean_scale: float = 1.0) -> torch.Tensor:
-        """``lam * sum_b c_b * |g_b|`` (docs/method.md#network-slimming), differentiable w.r.t. the gates."""
+        """``lam * sum_b c_b * |g_b|`` (docs/method.md#network-slimming), differentiable w.r.t. the
+        gates, plus, with channel slimming, ``channel_lambda * sum_g c_g * sum |gamma_g|`` over
+        every removable channel group's BatchNorm scales (docs/method.md#channel-slimming)."""
         model = unwrap_model(model)
-        if self.lam == 0:  # switched off: skip the FLOPs shares altogether
-            return next(model.parameters()).new_zeros(())
-        shares = self._cost_shares(model, mean_scale)
-        if not shares:
-            return next(model.parameters()).new_zeros(())
-        gates = torch.stack([model.get_submodule(p).gates[b] for p, b, _ in shares])
-        c = torch.tensor([s for _, _, s in shares], dtype=gates.dtype, device=gates.device)
-        return self.lam * (c * gates.abs()).sum()
+        total = next(model.parameters()).new_zeros(())
+        if self.lam > 0:  # switched off: skip the FLOPs shares altogether
+            shares = self._cost_shares(model, mean_scale)
+            if shares:
+                gates = torch.stack([model.get_submodule(p).gates[b] for p, b, _ in shares])
+                c = torch.tensor([s for _, _, s in shares], dtype=gates.dtype, device=gates.device)
+                total = total + self.lam * (c * gates.abs()).sum()
+        if self.channels and self.channel_lambda > 0:
+            for bns, c in self._channel_cost(model, mean_scale):
+                for bn in bns:
+                    total = total + (self.channel_lambda * c) * model.get_submodule(bn).weight.abs().sum()
+        return total
+
+    def _channel_cost(self, model: nn.Module, mean_scale: float) -> list[tuple[list[str], float]]:
+        """Per removable group: its BatchNorms and ``c_g``, what one of its channels costs at the
+        data policy's mean scale over the mean of that cost across groups (so ``c_g`` averages 1
+        and ``channel_lambda`` reads like Network Slimming's lambda). Cached per architecture."""
+        shape = _scaled_shape(self.input_shape, mean_scale)
+        key = (architecture_signature(model), shape)
+        if key not in self._channel_terms:
+            groups = [g for g in ch.channel_groups(model, shape) if g.bns]
+            mean = sum(g.gflops_per_channel for g in groups) / max(len(groups), 1)
+            self._channel_terms[key] = [(g.bns, g.gflops_per_channel / max(mean, _MIN_GFLOPS))
+                                        for g in groups]
+        return self._channel_terms[key]
 
     # -- schedule -------------------------------------------------------------------------------
 
@@ -230,6 +270,19 @@ class NetworkSlimmer:
         self.done.extend(pending)
         self.events.append(event)
         return event
+
+    def follow(self, model: nn.Module, event: dict, ops: Sequence[str | dict],
+               progress: float) -> PruneEvent:
+        """Apply another process's pruning point (its ``PruneEvent`` as JSON and the
+        architecture record it appended, ``ops``) to this copy of the model, so every DDP rank
+        removes the same branches and channels in the same order."""
+        pending = self._pending(progress)
+        if not pending:
+            raise ValueError(f"no pruning point due at progress {progress}")
+        ch.replay(unwrap_model(model), ops)
+        self.done.extend(pending)
+        self.events.append(PruneEvent(**event))
+        return self.events[-1]
 
     def _measure(self, model: nn.Module, probe: _Probe | None
                  ) -> tuple[dict[str, dict], float | None]:
@@ -290,7 +343,14 @@ class NetworkSlimmer:
         # 3. network budget: least important per GFLOP first, re-measured after each removal
         target = None if target_fraction is None else target_fraction * self.original_gflops
         short_of_budget = False
-        while target is not None and count_gflops(model, self.input_shape) > target:
+        removals: list[dict] = []
+        if self.channels and target is not None:
+            short_of_budget = self._budget_with_channels(model, probe, target, table, take,
+                                                         removals)
+            target_loop = None
+        else:
+            target_loop = target
+        while target_loop is not None and count_gflops(model, self.input_shape) > target_loop:
             now, _ = self._measure(model, probe)
             counts: dict[str, int] = {}
             for r in now.values():
@@ -303,26 +363,129 @@ class NetworkSlimmer:
             remove_branches(model, [name])
             take(name, "budget")
         gflops_after = count_gflops(model, self.input_shape)
+        widths = ({g.layer: g.channels for g in ch.channel_groups(model, self.input_shape)}
+                  if self.channels else {})
         return PruneEvent(
             progress=progress, importance=table, removed=chosen, gflops_before=gflops_before,
             gflops_after=gflops_after, probe_loss=base, target_gflops=target,
             message=self._message(table, chosen, gflops_before, gflops_after, target,
-                                  short_of_budget),
+                                  short_of_budget, removals),
+            channels=removals, widths=widths,
         )
 
+    def _channel_scores(self, model: nn.Module, probe: _Probe | None) -> dict[str, torch.Tensor]:
+        """Per removable group, each channel's importance (``channel_importance``); Taylor reads
+        the gradients of the probe loss, computed here and cleared after."""
+        if self.channel_importance == "bn_scale" or probe is None:
+            return ch.channel_importance(model, "bn_scale")
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            for x, y in probe.batches:
+                (probe.loss_fn(model(x), y) / len(probe.batches)).backward()
+        try:
+            return ch.channel_importance(model, "taylor")
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    def _budget_with_channels(self, model: nn.Module, probe: _Probe | None, target: float,
+                              table: dict[str, dict], take, removals: list[dict]) -> bool:
+        """Meet ``target`` GFLOPs by removing channel chunks and branches together, least
+        important per GFLOP first (docs/method.md#channel-slimming). In rounds: rank every chunk
+        (``ROUND_TO`` channels of a group, its least important first) and every removable branch,
+        take them in order until their estimated saving covers the gap, remove, re-count, repeat.
+        Returns True when nothing removable is left before the target is met."""
+        while (now := count_gflops(model, self.input_shape)) > target:
+            gap = now - target
+            candidates = self._chunk_candidates(model, probe)
+            if self.importance == "loss" and probe is not None:
+                measured, _ = self._measure(model, probe)
+                counts: dict[str, int] = {}
+                for r in measured.values():
+                    counts[r["module"]] = counts.get(r["module"], 0) + 1
+                for name, r in measured.items():
+                    if counts[r["module"]] > 1:
+                        candidates.append({"branch": name, "score": r["score"],
+                                           "gflops_saved": r["gflops_saved"], "row": r})
+            if not candidates:
+                return True
+            candidates.sort(key=lambda c: c["score"])
+            picked, saved = [], 0.0
+            for c in candidates:
+                if "branch" in c:
+                    module = c["row"]["module"]
+                    if sum(1 for p in picked if p.get("module") == module) + 1 >= counts[module]:
+                        continue  # every module keeps a branch
+                    c["module"] = module
+                picked.append(c)
+                saved += c["gflops_saved"]
+                if saved >= gap:
+                    break
+            for c in picked:
+                if "branch" in c:
+                    if c["branch"] not in table:
+                        table[c["branch"]] = c["row"]
+                    remove_branches(model, [c["branch"]])
+                    take(c["branch"], "budget")
+            by_layer: dict[str, list[dict]] = {}
+            for c in picked:
+                if "layer" in c:
+                    by_layer.setdefault(c["layer"], []).append(c)
+            live = {g.layer for g in ch.channel_groups(model, self.input_shape)}
+            for layer, cs in by_layer.items():
+                if layer not in live:  # its group went with a removed branch
+                    continue
+                idx = sorted(i for c in cs for i in c["channels"])
+                width = model.get_submodule(layer).out_channels
+                ch.remove_channels(model, layer, idx)
+                imp = sum(c["importance"] for c in cs)
+                gf = sum(c["gflops_saved"] for c in cs)
+                removals.append({"layer": layer, "channels": idx, "width_before": width,
+                                 "importance": imp, "gflops_saved": gf,
+                                 "score": imp / max(gf, _MIN_GFLOPS), "removed_by": "budget"})
+        return False
+
+    def _chunk_candidates(self, model: nn.Module, probe: _Probe | None) -> list[dict]:
+        """Every group's next chunks (down to ``ROUND_TO`` channels), least important first."""
+        scores = self._channel_scores(model, probe)
+        out = []
+        for g in ch.channel_groups(model, self.input_shape):
+            imp = scores[g.layer]
+            if not torch.isfinite(imp).any():
+                continue
+            order = torch.argsort(imp).tolist()
+            width, start = g.channels, 0
+            while (k := ch.ChannelGroup(g.layer, width, [], [], 0.0).chunk()) > 0:
+                idx = order[start:start + k]
+                value = float(imp[idx].sum())
+                if not math.isfinite(value):
+                    break
+                cost = k * g.gflops_per_channel
+                out.append({"layer": g.layer, "channels": idx, "importance": value,
+                            "gflops_saved": cost, "score": value / max(cost, _MIN_GFLOPS)})
+                start, width = start + k, width - k
+        return out
+
     def _message(self, table: dict[str, dict], chosen: list[str], before: float, after: float,
-                 target: float | None, short_of_budget: bool) -> str:
+                 target: float | None, short_of_budget: bool, removals: Sequence[dict] = ()
+                 ) -> str:
         why = {"gate_threshold": f"gate below {self.gate_threshold:g} of its module's largest",
                "negligible_loss": f"loss rise below {self.loss_tolerance:.0%}",
                "budget": "least important per GFLOP, for the network budget"}
         parts = [f"removed {n} ({why[table[n]['removed_by']]})" for n in chosen]
+        if removals:
+            n_channels = sum(len(r["channels"]) for r in removals)
+            parts.append(f"removed {n_channels} channels from {len(removals)} groups "
+                         f"({why['budget']})")
         text = "; ".join(parts) if parts else "removed nothing"
         text += (f"; {before:.4g} -> {after:.4g} GFLOPs "
                  f"({after / self.original_gflops:.1%} of the original)")
         if target is not None:
             text += f", target {target / self.original_gflops:.1%}"
             if short_of_budget:
-                text += (" NOT met: no removable branch left (every multi-scale module keeps at "
+                text += (f" NOT met: nothing removable left (every multi-scale module keeps "
+                         f"at least one branch, every channel group {ch.ROUND_TO} channels)"
+                         if self.channels else
+                         " NOT met: no removable branch left (every multi-scale module keeps at "
                          "least one branch)")
         return text
 

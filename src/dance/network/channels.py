@@ -1,0 +1,284 @@
+"""Structural channel slimming (docs/method.md#channel-slimming).
+
+A *channel group* is a set of channels that can only be removed together: the output channels of a
+convolution and its BatchNorm, every layer that reads them (sliced on its input side), and, where
+tensors meet, every other producer coupled to them: the streams summed by a residual addition
+(ResNet, MobileNet's inverted residuals, HRNet's fusion), both sides of an elementwise product
+(attention, squeeze-excitation), the in/out channels of a depthwise convolution, and the slice of a
+concatenation (ASPP's projection, the DeepLabV3+ decoder input, BiSeNet's fusion, HRNet's head).
+The groups are found by Torch-Pruning's dependency graph (``torch-pruning`` on PyPI; Fang et al.,
+"DepGraph", CVPR 2023), which traces one forward pass; it also does the surgery. The tests check,
+per model family, that removing a group equals masking it to zero (to 1e-5), which is what proves
+the grouping right through each family's concatenations.
+
+Removal is recorded in the model's architecture (``model.dance_arch.removed``) as
+``{"layer": <root convolution's path>, "channels": [indices]}`` in order with the removed
+branches, so a checkpoint rebuilds the slimmed shapes by replaying the record on a fresh model
+(``replay``): no pickled modules.
+
+Groups whose channels reach the logits (the classifiers, and anything added to them) are never
+slimmed, nor is a group below ``ROUND_TO`` channels; removal keeps every group's width a multiple of
+``ROUND_TO`` (8), so slimmed shapes stay fast on real hardware.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from dance.errors import DanceError
+from dance.network.flops import architecture_signature, meta_copy
+
+ROUND_TO = 8
+# The dependency graph does not depend on the input size; trace on a small one (every model's
+# coarsest feature map is still at least 2x2 at 64x64).
+_TRACE_SHAPE = (1, 3, 64, 64)
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class ChannelGroup:
+    """One removable channel group of a model as it is now.
+
+    ``layer`` is the path of its root convolution (the one ``remove_channels`` names),
+    ``channels`` its width, ``layers`` every layer whose output channels it removes, ``bns`` the
+    BatchNorms among them (whose scales the sparsity term pushes down), and
+    ``gflops_per_channel`` the inference GFLOPs one of its channels costs at the shape it was
+    measured at (every layer it touches, counted per channel: linear in the channels removed,
+    exact for one group at a time).
+    """
+
+    layer: str
+    channels: int
+    layers: list[str]
+    bns: list[str]
+    gflops_per_channel: float
+
+    def chunk(self, round_to: int = ROUND_TO) -> int:
+        """How many channels the next removal takes: down to the next multiple of ``round_to``
+        below ``channels`` (0 when that would leave fewer than ``round_to``)."""
+        keep = (self.channels - 1) // round_to * round_to
+        return self.channels - keep if keep >= round_to else 0
+
+
+class _Graph:
+    """Torch-Pruning's dependency graph of one architecture state, with its prunable groups."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        device = next(model.parameters()).device
+        gates = [p for p in model.parameters() if p.dim() == 0]
+        was_training = model.training
+        model.eval()  # tracing runs a forward: BatchNorm statistics must not move
+        try:
+            with torch.enable_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.dg = tp.DependencyGraph().build_dependency(
+                    model, torch.zeros(_TRACE_SHAPE, device=device), ignored_params=gates,
+                    verbose=False)
+        finally:
+            model.train(was_training)
+        self.names = {m: n for n, m in model.named_modules()}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the groups after a removal made through this graph: Torch-Pruning keeps its
+        graph valid across its own surgery (a branch removal, which swaps modules, needs a new
+        trace; the signature check sees to that)."""
+        self.signature = architecture_signature(self.model)
+        self.groups: dict[str, tp.Group] = {}
+        for group in self.dg.get_all_groups(ignored_layers=_output_layers(self.model),
+                                            root_module_types=[nn.Conv2d]):
+            root = group[0].dep.target.module
+            self.groups[self.names[root]] = group
+
+    def out_items(self, group: tp.Group) -> list[tuple[str, nn.Module]]:
+        """The layers whose output channels ``group`` removes, with their paths."""
+        seen, items = set(), []
+        for dep, _ in group:
+            module = dep.target.module
+            if (isinstance(module, nn.Module) and self.dg.is_out_channel_pruning_fn(dep.handler)
+                    and id(module) not in seen and module in self.names):
+                seen.add(id(module))
+                items.append((self.names[module], module))
+        return items
+
+    def in_items(self, group: tp.Group) -> list[tuple[str, nn.Module]]:
+        """The convolutions that read ``group``'s channels (sliced on their input side)."""
+        seen, items = set(), []
+        for dep, _ in group:
+            module = dep.target.module
+            if (isinstance(module, nn.Conv2d) and module.groups == 1
+                    and not self.dg.is_out_channel_pruning_fn(dep.handler)
+                    and id(module) not in seen):
+                seen.add(id(module))
+                items.append((self.names[module], module))
+        return items
+
+    def group(self, layer: str, channels: Sequence[int]) -> tp.Group:
+        """The pruning group of ``layer``'s output ``channels``; a DanceError when ``layer`` is not
+        the root of a removable group or an index is out of range."""
+        if layer not in self.groups:
+            raise DanceError(f"{layer!r} is not the root convolution of a removable channel group; "
+                             f"the model has {', '.join(self.groups) or 'none'}")
+        module = self.model.get_submodule(layer)
+        width = module.out_channels
+        bad = [c for c in channels if not 0 <= c < width]
+        if bad or len(set(channels)) != len(channels):
+            raise DanceError(f"{layer}: channel indices must be distinct and in [0, {width}), "
+                             f"got {sorted(channels)}")
+        if len(channels) >= width:
+            raise DanceError(f"{layer}: cannot remove all {width} channels of its group")
+        pruner = self.dg.get_pruner_of_module(module)
+        return self.dg.get_pruning_group(module, pruner.prune_out_channels, list(channels))
+
+
+def _graph(model: nn.Module) -> _Graph:
+    cached = _GRAPHS.get(model)
+    if cached is None or cached.signature != architecture_signature(model):
+        cached = _GRAPHS[model] = _Graph(model)
+    return cached
+
+
+def _output_layers(model: nn.Module) -> list[nn.Module]:
+    """The convolutions that produce logits: their output channels are the classes."""
+    arch = getattr(model, "dance_arch", None)
+    if arch is None:
+        raise DanceError(f"{type(model).__name__}: channel slimming needs a model built by "
+                         "dance.build_model (it must know the number of classes)")
+    return [m for m in model.modules()
+            if isinstance(m, nn.Conv2d) and m.out_channels == arch.num_classes]
+
+
+def conv_gflops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
+    """Inference GFLOPs of every convolution of ``model`` at ``input_shape`` (multiply-add = 2,
+    like dance's FLOPs counter), by path; counted on a meta copy."""
+    net = meta_copy(model)
+    out: dict[str, float] = {}
+    handles = []
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Conv2d):
+            def hook(mod, _inp, y, name=name):
+                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+                out[name] = out.get(name, 0.0) + 2.0 * y.numel() * k / 1e9
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            net(torch.zeros(tuple(input_shape), device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+def channel_groups(model: nn.Module, input_shape: Sequence[int] = (1, 3, 512, 1024)
+                   ) -> list[ChannelGroup]:
+    """Every removable channel group of ``model`` as it is now, with what a channel of it costs
+    at ``input_shape``."""
+    g = _graph(model)
+    flops = conv_gflops(model, input_shape)
+    groups = []
+    for layer, group in g.groups.items():
+        outs = g.out_items(group)
+        cost = sum(flops.get(n, 0.0) / m.out_channels for n, m in outs if isinstance(m, nn.Conv2d))
+        cost += sum(flops.get(n, 0.0) / m.in_channels for n, m in g.in_items(group))
+        groups.append(ChannelGroup(
+            layer=layer, channels=model.get_submodule(layer).out_channels,
+            layers=[n for n, _ in outs],
+            bns=[n for n, m in outs if isinstance(m, nn.BatchNorm2d)],
+            gflops_per_channel=cost))
+    return groups
+
+
+def channel_importance(model: nn.Module, kind: str = "taylor") -> dict[str, torch.Tensor]:
+    """Per removable group (by root layer), the importance of each of its channels, on the CPU.
+
+    ``"taylor"``: the first-order estimate of the loss change when the channel is removed, summed
+    over the group, from the gradients the parameters hold now (Molchanov et al., CVPR 2019);
+    comparable across groups (units of loss). ``"bn_scale"``: the sum of the group's BatchNorm
+    scales ``|gamma|`` (Network Slimming, Liu et al. 2017); groups without a BatchNorm get
+    ``inf`` (never chosen). Both through Torch-Pruning's group importances, unnormalised.
+    """
+    g = _graph(model)
+    if kind == "taylor":
+        scorer = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
+    elif kind == "bn_scale":
+        scorer = tp.importance.BNScaleImportance(group_reduction="sum", normalizer=None)
+    else:
+        raise DanceError(f"channel importance must be taylor or bn_scale, got {kind!r}")
+    out = {}
+    for layer, group in g.groups.items():
+        width = model.get_submodule(layer).out_channels
+        imp = scorer(group)
+        if imp is None or len(imp) != width:
+            imp = torch.full((width,), float("inf"))
+        out[layer] = imp.detach().float().cpu()
+    return out
+
+
+def remove_channels(model: nn.Module, layer: str, channels: Iterable[int]) -> nn.Module:
+    """Remove output ``channels`` of the group rooted at ``layer`` structurally, in place, with
+    every layer coupled to them; record it in ``model.dance_arch.removed``. Bad names or indices
+    are DanceErrors raised before anything changes."""
+    channels = sorted(int(c) for c in channels)
+    graph = _graph(model)
+    group = graph.group(layer, channels)
+    with torch.no_grad():
+        group.prune(record_history=False)
+    graph.refresh()
+    _check_concats(model)
+    arch = getattr(model, "dance_arch", None)
+    if arch is not None:
+        arch.removed.append({"layer": layer, "channels": channels})
+    return model
+
+
+@torch.no_grad()
+def mask_channels(model: nn.Module, layer: str, channels: Iterable[int]) -> nn.Module:
+    """Zero the channels ``remove_channels`` would remove, in place, without changing shapes:
+    every coupled convolution's and BatchNorm's output weights and biases. In eval mode the model
+    then computes what its slimmed copy computes."""
+    channels = sorted(int(c) for c in channels)
+    g = _graph(model)
+    group = g.group(layer, channels)
+    for dep, idxs in group:
+        module = dep.target.module
+        if not (isinstance(module, (nn.Conv2d, nn.BatchNorm2d))
+                and g.dg.is_out_channel_pruning_fn(dep.handler)):
+            continue
+        idx = torch.as_tensor([int(i) for i in idxs], dtype=torch.long)
+        module.weight[idx] = 0
+        if module.bias is not None:
+            module.bias[idx] = 0
+    return model
+
+
+def _check_concats(model: nn.Module) -> None:
+    """Every gated concatenation must still add up after a removal (its branch bookkeeping reads
+    the branches' widths); a mismatch is a bug, caught here rather than at the next branch
+    removal."""
+    from dance.network.gates import GatedBranches
+    for path, m in model.named_modules():
+        if isinstance(m, GatedBranches) and m.project is not None:
+            total = sum(m.out_channels(n) for n in m.branches)
+            conv = m._projection_conv()[2]
+            if total != conv.in_channels:
+                raise RuntimeError(f"{path}: branches give {total} channels, the projection "
+                                   f"reads {conv.in_channels}")
+
+
+def replay(model: nn.Module, removed: Sequence[str | dict]) -> nn.Module:
+    """Apply an architecture record (``Architecture.removed``: branch names and channel
+    removals, in order) to a freshly built model, in place."""
+    from dance.network.gates import remove_branches
+    for entry in removed:
+        if isinstance(entry, str):
+            remove_branches(model, [entry])
+        else:
+            remove_channels(model, entry["layer"], entry["channels"])
+    return model

@@ -1,0 +1,221 @@
+"""Channel slimming: removing a channel group equals masking it, for one model of every family
+and the torchvision adapters; params and FLOPs fall; branches still come off a channel-slimmed
+model; exports match; a checkpoint rebuilds the slimmed shapes; bad input is a clear error."""
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dance
+from dance.engine.checkpoint import load_model, save_checkpoint
+from dance.errors import DanceError
+from dance.network.channels import ROUND_TO, channel_groups, mask_channels, remove_channels
+from dance.network.flops import count_gflops
+from dance.network.registry import Architecture
+from dance.network.slimming import NetworkSlimmer
+
+# Narrow but real: every coupling of each family is there (concats, residual sums, depthwise
+# groups, attention products, HRNet's fusion), at widths that keep the test fast.
+FAMILIES = {
+    "deeplabv3plus_mbv2": {"aspp_channels": 16, "decoder_channels": 16, "width_mult": 0.5},
+    "pspnet_r18": {"ppm_channels": 16, "bin_channels": 16},
+    "hrnet_w18_small": {"widths": (16, 24, 32, 40), "stem_channels": 16,
+                        "modules_per_stage": (1, 1, 1)},
+    "bisenet_v1_r18": {"spatial_channels": 16, "context_channels": 24, "fusion_channels": 32},
+    "lraspp_mobilenet_v3_large": {},
+    "deeplabv3_mobilenet_v3_large": {},
+}
+SHAPE = (1, 3, 64, 96)
+
+
+def randomized(name: str) -> nn.Module:
+    """The model with BatchNorm affine terms away from their init and statistics calibrated on
+    random images (so activations neither vanish nor explode, and a masked channel that is not
+    really cut off from the output would show), in eval mode."""
+    torch.manual_seed(0)
+    model = dance.build_model(name, 5, **FAMILIES[name])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.momentum = None  # cumulative average: one pass sets the statistics
+        model.train()(torch.rand(4, 3, 64, 96))
+    return model.eval()
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def chunks(model: nn.Module) -> list[tuple[str, list[int], int]]:
+    """One removable chunk per group: (root layer, channel indices, width), not the first
+    channels, so index bookkeeping must hold."""
+    return [(g.layer, list(range(1, g.chunk() + 1)), g.channels)
+            for g in channel_groups(model, SHAPE) if g.chunk()]
+
+
+def masked_and_removed(model: nn.Module, cuts: list[tuple[str, list[int], int]], x: torch.Tensor):
+    masked, removed = copy.deepcopy(model), copy.deepcopy(model)
+    for layer, idx, _ in cuts:
+        mask_channels(masked, layer, idx)
+        remove_channels(removed, layer, idx)
+    with torch.no_grad():
+        return masked, removed, masked(x), removed(x)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_removing_channel_groups_equals_masking_them(name):
+    """A chunk of every group at once (groups are disjoint, so indices stay valid), in float64:
+    the comparison is about the surgery, not float32 rounding (1e-5 of logits around 3)."""
+    model = randomized(name).double()
+    x = torch.rand(1, 3, 65, 97, dtype=torch.float64)  # odd sizes: every resize and pooling path
+    cuts = chunks(model)
+    assert len(cuts) >= 10
+    _, removed, ym, yr = masked_and_removed(model, cuts, x)
+    torch.testing.assert_close(yr, ym, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert (ym - model(x)).abs().max() > 1e-3  # masking is not a no-op
+    for layer, idx, width in cuts:
+        assert removed.get_submodule(layer).out_channels == width - len(idx)
+        assert (width - len(idx)) % ROUND_TO == 0
+    assert count_gflops(removed, SHAPE) < count_gflops(model, SHAPE)
+    assert n_params(removed) < n_params(model)
+    assert removed.dance_arch.removed == [{"layer": layer, "channels": idx}
+                                          for layer, idx, _ in cuts]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_removing_each_channel_group_alone_equals_masking_it(name):
+    """The exhaustive version, one group at a time: names the group that breaks, and checks
+    each one reaches the output."""
+    model = randomized(name).double()
+    x = torch.rand(1, 3, 65, 97, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    cuts = chunks(model)
+    reaching = 0
+    for cut in cuts:
+        _, removed, ym, yr = masked_and_removed(model, [cut], x)
+        torch.testing.assert_close(yr, ym, atol=1e-5, rtol=0, msg=f"{name}: {cut[0]}")
+        reaching += bool((ym - before).abs().max() > 1e-4)
+        assert count_gflops(removed, SHAPE) < count_gflops(model, SHAPE), cut[0]
+    assert reaching >= 0.8 * len(cuts)
+
+
+@pytest.mark.parametrize("name", ["deeplabv3plus_mbv2", "pspnet_r18", "hrnet_w18_small"])
+def test_branches_come_off_a_channel_slimmed_model(name):
+    """A concatenation's branch bookkeeping follows its branches' widths after channel
+    slimming (ASPP, PPM, HRNet's head), so branch removal still equals its gate at zero."""
+    model = randomized(name)
+    for g in channel_groups(model, SHAPE):
+        if g.chunk():
+            remove_channels(model, g.layer, range(g.chunk()))
+    x = torch.rand(1, 3, 64, 96)
+    for info in dance.branches(model, SHAPE)[:-1]:
+        gated = copy.deepcopy(model)
+        with torch.no_grad():
+            gated.get_submodule(info.module_path).gates[info.branch].zero_()
+            expected = gated(x)
+            dance.remove_branches(model, [info.name])
+            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+    # and channels still come off the branch-slimmed model
+    g = next(g for g in channel_groups(model, SHAPE) if g.chunk())
+    remove_channels(model, g.layer, range(g.chunk()))
+    assert model(x).shape == (1, 5, 64, 96)
+
+
+def test_architecture_replays_channels_and_branches_in_order(tmp_path):
+    model = randomized("deeplabv3plus_mbv2")
+    dance.remove_branches(model, ["aspp.rate18"])
+    decoder = next(g for g in channel_groups(model, SHAPE) if g.layer.startswith("decoder"))
+    remove_channels(model, decoder.layer, [0, 3, 5, 7, 9, 11, 13, 15][:decoder.chunk()])
+    dance.remove_branches(model, ["aspp.rate6"])
+    save_checkpoint(tmp_path / "ckpt", model, {"train_state": {}})
+    loaded = load_model(tmp_path / "ckpt")
+    assert [type(r) for r in loaded.dance_arch.removed] == [str, dict, str]
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-6, rtol=0)
+    assert {n: p.shape for n, p in loaded.named_parameters()} == \
+        {n: p.shape for n, p in model.named_parameters()}
+
+
+def test_bad_channel_removals_are_one_line_errors_and_change_nothing():
+    model = randomized("pspnet_r18")
+    ref = copy.deepcopy(model.state_dict())
+    groups = channel_groups(model, SHAPE)
+    g = groups[0]
+    for layer, idx, match in [
+        ("classifier", [0], "not the root convolution of a removable channel group"),
+        ("nope.conv", [0], "not the root convolution"),
+        (g.layer, [g.channels], rf"must be distinct and in \[0, {g.channels}\)"),
+        (g.layer, [1, 1], "must be distinct"),
+        (g.layer, range(g.channels), f"cannot remove all {g.channels} channels"),
+    ]:
+        with pytest.raises(DanceError, match=match) as e:
+            remove_channels(model, layer, idx)
+        assert "\n" not in str(e.value)
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    assert model.dance_arch.removed == []
+    for bad in ([{"layer": "x", "channels": ["a"]}], [{"channels": [1]}], [3]):
+        with pytest.raises(DanceError, match="run.json: malformed architecture"):
+            Architecture.from_json({"name": "pspnet_r18", "num_classes": 5, "removed": bad},
+                                   "run.json")
+
+
+def test_network_budget_is_met_by_channels_and_branches_within_5_percent():
+    torch.manual_seed(0)
+    model = dance.build_model("deeplabv3plus_mbv2", 5, **FAMILIES["deeplabv3plus_mbv2"])
+    slimmer = NetworkSlimmer(model, network_budget=0.5, input_shape=SHAPE, channels=True)
+    probe = [(torch.rand(4, 3, 64, 96), torch.randint(0, 5, (4, 64, 96)))]
+    term = slimmer.sparsity_loss(model, 0.75)
+    term.backward()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert term > 0 and bn.weight.grad is not None  # the BatchNorm scales are pushed down
+    model.zero_grad()
+    fractions = []
+    for p in slimmer.prune_at:
+        event = slimmer.prune(model, probe, F.cross_entropy, p)
+        fractions.append(event.gflops_after / slimmer.original_gflops)
+        assert event.channels and all(c["gflops_saved"] > 0 for c in event.channels)
+        assert set(event.widths) == {g.layer for g in channel_groups(model, SHAPE)}
+    assert fractions[0] > fractions[1] > fractions[2]  # progressive
+    assert abs(fractions[-1] / 0.5 - 1) <= 0.05, fractions
+    assert all(p.grad is None for p in model.parameters())  # Taylor's gradients are cleared
+    rebuilt = model.dance_arch.build()
+    rebuilt.load_state_dict(model.state_dict())
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated upstream
+@pytest.mark.parametrize("name", ["deeplabv3plus_mbv2", "hrnet_w18_small"])
+def test_channel_slimmed_exports_match_pytorch_at_two_sizes(tmp_path, name):
+    model = randomized(name)
+    for g in channel_groups(model, SHAPE):
+        if g.chunk():
+            remove_channels(model, g.layer, range(g.chunk()))
+    onnx_path = dance.export(model, tmp_path / "m.onnx", format="onnx", input_shape=SHAPE)
+    ts_path = dance.export(model, tmp_path / "m.pt", format="torchscript", input_shape=SHAPE)
+    script = ("import sys, numpy as np, onnxruntime, torch\n"
+              "s = onnxruntime.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+              "t = torch.jit.load(sys.argv[2])\n"
+              "for i in (0, 1):\n"
+              "    x = np.load(f'{sys.argv[3]}/x{i}.npy')\n"
+              "    np.save(f'{sys.argv[3]}/onnx{i}.npy', s.run(['logits'], {'image': x})[0])\n"
+              "    np.save(f'{sys.argv[3]}/ts{i}.npy', t(torch.from_numpy(x)).detach().numpy())\n")
+    xs = [torch.rand(1, 3, 64, 96), torch.rand(2, 3, 81, 113)]
+    for i, x in enumerate(xs):
+        np.save(tmp_path / f"x{i}.npy", x.numpy())
+    subprocess.run([sys.executable, "-c", script, str(onnx_path), str(ts_path), str(tmp_path)],
+                   check=True, timeout=120)
+    for i, x in enumerate(xs):
+        with torch.no_grad():
+            expected = model(x).numpy()
+        np.testing.assert_allclose(np.load(tmp_path / f"onnx{i}.npy"), expected, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.load(tmp_path / f"ts{i}.npy"), expected, atol=1e-4, rtol=0)
