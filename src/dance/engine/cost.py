@@ -258,9 +258,13 @@ class EnergyMeter:
 class CostLedger:
     """Training FLOPs of a run as it ran, and as the plain run would have spent them.
 
-    ``full_gflops`` prices every step at the full crop and scales it to "every image kept" of
-    the ``epochs_trained``, so during a run ``realised_cost = train_gflops / full_gflops`` is its
-    cost so far as a fraction of a plain run of as many epochs. ``plain_scale``, the recipe's
+    ``train_gflops`` is what the steps cost on the model as it was at each step (a slimmed
+    network's later steps are cheaper). The data plan's cost is priced on the architecture the run
+    started with (``reference``), so network slimming does not count towards it:
+    ``plan_gflops`` is every step at its real shape on that architecture, ``full_gflops`` every
+    step at the full crop scaled to "every image kept" of the ``epochs_trained``, and during a run
+    ``realised_cost = plan_gflops / full_gflops`` is its cost so far as a fraction of a plain run
+    of as many epochs. ``plain_scale``, the recipe's
     epochs over the epochs trained (the trainer sets it for the final count of a run that
     trained fewer), makes it the fraction of a plain run of the whole recipe
     (see docs/method.md#cost-accounting). ``train_units`` counts what was trained in images at
@@ -271,6 +275,7 @@ class CostLedger:
 
     train_gflops: float = 0.0
     full_gflops: float = 0.0
+    plan_gflops: float = -1.0  # -1: not counted (older checkpoints), read as train_gflops
     images_seen: int = 0
     accounting_seconds: float = 0.0
     # the same two totals in input pixels: where FLOPs and pixels part, the shapes are to blame
@@ -282,15 +287,22 @@ class CostLedger:
     plain_scale: float = 1.0
 
     def add_step(self, model: torch.nn.Module, batch_shape: tuple[int, ...],
-                 full_hw: tuple[int, int], full_factor: float) -> None:
-        """Charge one optimizer step on a batch of ``batch_shape`` (N, C, H, W)."""
+                 full_hw: tuple[int, int], full_factor: float,
+                 reference: torch.nn.Module | None = None) -> None:
+        """Charge one optimizer step on a batch of ``batch_shape`` (N, C, H, W) of ``model``;
+        the plan's cost is priced on ``reference`` (default: ``model``)."""
         t0 = time.perf_counter()
         n, _, h, w = batch_shape
+        reference = model if reference is None else reference
         step = count_gflops(model, (1, 3, h, w), backward=True)
-        full = count_gflops(model, (1, 3, *full_hw), backward=True)
+        planned = count_gflops(reference, (1, 3, h, w), backward=True)
+        full = count_gflops(reference, (1, 3, *full_hw), backward=True)
+        if self.plan_gflops < 0:
+            self.plan_gflops = self.train_gflops
         self.train_gflops += step * n
+        self.plan_gflops += planned * n
         self.full_gflops += full * n * full_factor
-        self.train_units += n * step / full
+        self.train_units += n * planned / full
         self.accounting_seconds += time.perf_counter() - t0
         self.images_seen += n
         self.train_mpixels += n * h * w / 1e6
@@ -298,7 +310,8 @@ class CostLedger:
 
     @property
     def realised_cost(self) -> float:
-        return self.train_gflops / max(self.full_gflops * self.plain_scale, 1e-12)
+        planned = self.train_gflops if self.plan_gflops < 0 else self.plan_gflops
+        return planned / max(self.full_gflops * self.plain_scale, 1e-12)
 
     @property
     def realised_pixel_cost(self) -> float:

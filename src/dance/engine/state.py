@@ -16,7 +16,8 @@ from dance.engine.cost import CostLedger
 from dance.errors import DanceError
 
 _LEDGER_FIELDS = ("train_gflops", "full_gflops", "images_seen", "accounting_seconds")
-_LEDGER_OPTIONAL = ("train_mpixels", "full_mpixels", "train_units", "epochs_trained")  # absent
+_LEDGER_OPTIONAL = ("train_mpixels", "full_mpixels", "train_units", "epochs_trained",  # absent
+                    "plan_gflops")
 # from older checkpoints
 
 

@@ -54,7 +54,7 @@ from dance.engine.runtime import (
 from dance.engine.state import TrainState
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json, jsonable
-from dance.network.flops import count_gflops
+from dance.network.flops import count_gflops, meta_copy
 from dance.network.gates import MultiScaleModule, branches
 from dance.network.registry import build_model
 from dance.network.slimming import NetworkSlimmer, rebuild_optimizer
@@ -82,6 +82,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         fingerprint = run_fingerprint(cfg.to_dict(), dataset_fingerprint(train_ds, val_ds))
         model = build_model(cfg.model.name, train_ds.num_classes, cfg.model.pretrained_backbone,
                             **cfg.model.options)
+        reference = meta_copy(model)  # before a resume replays any slimming
         plan0 = shared_data_plan(cfg, train_ds, out_dir, score_cache, progress, rt)
         slimmer = make_slimmer(cfg, model)
         state = TrainState(plan=plan0, hardness=Hardness(len(train_ds)))
@@ -91,6 +92,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)
         run = start_run(cfg, rt, model, slimmer, train_ds, state, saved, out_dir, progress,
                         fingerprint)
+        run.reference = reference
 
         run.meter.start()
         t_start = time.perf_counter() - state.wall_seconds
@@ -163,6 +165,9 @@ class Run:
     tb: _Tensorboard | None = None
     fingerprint: dict = field(default_factory=dict)
     horizon: float = 0.0  # epochs the run trains (`budget_horizon`)
+    # the architecture the run started with, on the meta device: the data plan's cost is priced
+    # on it, so network slimming's saving is not spent on more data (docs/method.md#cost-accounting)
+    reference: nn.Module | None = None
 
 
 def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, float]:
@@ -200,7 +205,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
         with run.timer.phase("step"):
             loss, per_image = optimizer_step(run, batch, weights, mean_scale, epoch, i)
         x_shape = tuple(batch["image"].shape)
-        state.ledger.add_step(run.model, x_shape, tuple(tc.crop), full_factor)
+        state.ledger.add_step(run.model, x_shape, tuple(tc.crop), full_factor, run.reference)
         state.global_step += 1
         state.hardness.observe(batch["index"].numpy(), per_image.double().cpu().numpy())
         loss_value, scale = loss.item(), x_shape[3] / tc.crop[1]
@@ -397,7 +402,7 @@ def set_horizon(run: Run, state: TrainState, epoch: int) -> bool:
     if run.rt.distributed:
         spent = float(all_reduce_(torch.tensor([spent], dtype=torch.float64).to(run.rt.device),
                                   run.rt).item())
-    model = run.model
+    model = run.reference if run.reference is not None else run.model
     run.sampler.plan = state.plan  # the plan the coming epochs train from
     run.horizon = budget_horizon(run.cfg, run.sampler, run.n_images,
                                  lambda hw: count_gflops(model, (1, 3, *hw), backward=True),
@@ -556,8 +561,8 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
                   wall_seconds: float, resumed: bool) -> dict:
     """metrics.json: validation, cost summed over ranks, energy, and what the run did."""
     rt, model, ledger = run.rt, run.model, state.ledger
-    summed = ("train_gflops", "full_gflops", "images_seen", "train_mpixels", "full_mpixels",
-              "train_units")
+    summed = ("train_gflops", "plan_gflops", "full_gflops", "images_seen", "train_mpixels",
+              "full_mpixels", "train_units")
     totals = torch.tensor([getattr(ledger, k) for k in summed], dtype=torch.float64)
     if rt.distributed:
         totals = all_reduce_(totals.to(rt.device), rt).cpu()
