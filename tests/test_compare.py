@@ -26,7 +26,8 @@ def compared(tmp_path_factory):
 def test_every_run_kind_and_the_report(compared):
     out, _ = compared
     report = json.loads((out / "report.json").read_text())
-    assert list(report["runs"]) == list(RUN_KINDS)
+    # lowres: the baseline models evaluated at a lower resolution, added with a network budget
+    assert list(report["runs"]) == [*RUN_KINDS, "lowres"]
     base = report["runs"]["baseline"]
     for kind, r in report["runs"].items():
         q = report["ratios"][kind]
@@ -35,7 +36,8 @@ def test_every_run_kind_and_the_report(compared):
         assert q["train_gflops"] == pytest.approx(r["train_gflops_total"]
                                                   / base["train_gflops_total"])
         assert q["miou_delta"] == pytest.approx(r["miou"] - base["miou"])
-        assert (out / "runs" / kind / "metrics.json").is_file()
+        assert (out / "runs" / (kind if kind != "lowres" else "baseline")
+                / "metrics.json").is_file()
     # equal-budget runs spend about half the plain run's training FLOPs
     for kind in ("uniform", "progressive", "shuffled", "data", "dance"):
         assert 0.4 < report["ratios"][kind]["train_gflops"] < 0.62, kind
@@ -45,13 +47,22 @@ def test_every_run_kind_and_the_report(compared):
     for kind in ("network", "dance"):
         assert report["runs"][kind]["removed_branches"]
         assert report["ratios"][kind]["infer_gflops"] < 1.0
-    for kind in ("baseline", "uniform", "progressive", "shuffled", "data"):
+        assert report["runs"][kind]["removed_channels"] > 0  # the budget is met by channels too
+    for kind in ("baseline", "uniform", "progressive", "shuffled", "data", "thin"):
         assert report["runs"][kind]["removed_branches"] == []
+        assert report["runs"][kind]["removed_channels"] == 0
+    # the alternatives for a smaller model match DANCE's inference FLOPs, not its training
+    assert report["ratios"]["thin"]["infer_gflops"] == pytest.approx(0.9, abs=0.02)
+    lowres = report["runs"]["lowres"]
+    assert report["ratios"]["lowres"]["infer_gflops"] == pytest.approx(
+        report["ratios"]["dance"]["infer_gflops"], rel=0.05)
+    assert 0.5 < lowres["input_scale"] < 1 and report["ratios"]["lowres"]["train_gflops"] == 1
     md = (out / "report.md").read_text()
-    assert "| dance |" in md and "Branch importance" in md
+    assert "| dance |" in md and "Branch importance" in md and "Channel groups removed" in md
+    assert "evaluated at input scale" in md
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"complexity_plan.png", "scale_distribution.png", "gates.png", "cost_vs_miou.png",
-            "predictions.png", "miou_vs_flops.png"} <= set(pngs)
+            "predictions.png", "miou_vs_flops.png", "inference_pareto.png"} <= set(pngs)
     assert all((out / p).stat().st_size > 5000 for p in pngs)  # real pictures, not empty axes
     curve = report["runs"]["dance"]["miou_flops_curve"]
     assert {c["name"] for c in curve} >= {"adaptive"}
@@ -81,7 +92,7 @@ def test_a_finished_compare_is_reused_not_retrained(compared, capsys):
     report = compare(config_from_dict(cfg), ["baseline", "dance"], out, progress=False,
                      plots=False)
     assert (out / "runs" / "dance" / "metrics.json").stat().st_mtime_ns == before
-    assert set(report["runs"]) == {"baseline", "dance"}
+    assert set(report["runs"]) == {"baseline", "dance", "lowres"}  # lowres: evaluated only
 
 
 def test_seeds_mark_differences_within_noise():

@@ -12,6 +12,8 @@ from torch import nn
 from dance.errors import DanceError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# per model, the options that set its head's channels: what `thin_options` scales
+_HEADS: dict[str, tuple[str, ...]] = {}
 
 # Modules whose import fills the registry. Adding a model family touches its own file and this list.
 _MODEL_MODULES = (
@@ -84,13 +86,50 @@ def architecture(model: nn.Module) -> Architecture:
     return arch
 
 
-def register_model(name: str):
+def register_model(name: str, head: tuple[str, ...] = ()):
+    """Register a builder under ``name``; ``head`` names its options that set the head's channel
+    counts (ints or sequences of ints), which a thinner variant of the model scales."""
     def deco(fn: Callable[..., nn.Module]):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = fn
+        _HEADS[name] = tuple(head)
         return fn
     return deco
+
+
+def thin_options(name: str, num_classes: int, options: Mapping[str, Any], fraction: float,
+                 input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """``options`` with the head's channel counts scaled by one factor, so the model's inference
+    GFLOPs at ``input_shape`` come closest to ``fraction`` of what ``options`` give: the thinner
+    model a user would pick instead of slimming (docs/method.md#run-kinds)."""
+    from dance.network.flops import count_gflops
+    _load_all()
+    if name not in _REGISTRY:
+        raise DanceError(f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
+    params = inspect.signature(_REGISTRY[name]).parameters
+    current = {k: options.get(k, params[k].default) for k in _HEADS.get(name, ()) if k in params}
+    current = {k: v for k, v in current.items() if isinstance(v, (int, list, tuple))}
+    if not current:
+        raise DanceError(f"model {name!r} has no head-width options to make a thinner variant of")
+
+    def scaled(m: float) -> dict[str, Any]:
+        out = dict(options)
+        for k, v in current.items():
+            out[k] = (max(8, round(v * m)) if isinstance(v, int)  # 8: no layer collapses
+                      else [max(8, round(c * m)) for c in v])
+        return out
+
+    def gflops(opts: Mapping[str, Any]) -> float:
+        return count_gflops(build_model(name, num_classes, None, **opts), input_shape)
+
+    target = fraction * gflops(options)
+    lo, hi = 0.0, 1.0
+    for _ in range(12):  # FLOPs grow with the factor: bisect to within 3e-4 of it
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gflops(scaled(mid)) < target else (lo, mid)
+    best = min((scaled(lo), scaled(hi)), key=lambda o: abs(gflops(o) - target))
+    return best
 
 
 def _load_all() -> None:

@@ -15,6 +15,11 @@ the schedule and the network slimming differ:
 | data        | DANCE's plan                                      | off              |
 | network     | plain                                             | on               |
 | dance       | DANCE's plan                                      | on               |
+| thin        | plain, the head's channels scaled so the model's  | off              |
+|             | inference FLOPs are network_budget x the plain's  |                  |
+
+With a ``network_budget`` the report adds ``lowres``: each baseline model evaluated at the input
+resolution whose inference FLOPs match DANCE's deployed model (no training of its own).
 """
 from __future__ import annotations
 
@@ -37,7 +42,10 @@ from dance.engine.run_folder import (
 from dance.errors import DanceError
 from dance.fileio import atomic_write_json, atomic_write_text, jsonable
 
-RUN_KINDS = ("baseline", "short", "uniform", "progressive", "shuffled", "data", "network", "dance")
+RUN_KINDS = ("baseline", "short", "uniform", "progressive", "shuffled", "data", "network", "dance",
+             "thin")
+# the alternatives for a smaller deployed model, compared at matched inference FLOPs
+INFERENCE_ALTERNATIVES = ("thin", "lowres")
 RATIO_FIELDS = {"train_gflops": "train_gflops_total", "infer_gflops": "gflops",
                 "train_seconds": "train_seconds", "energy_joules": "energy_joules"}
 SUMMARY_FIELDS = ("miou", "pixel_acc", "train_gflops_total", "train_seconds", "energy_joules",
@@ -45,11 +53,16 @@ SUMMARY_FIELDS = ("miou", "pixel_acc", "train_gflops_total", "train_seconds", "e
                   "realised_cost", "images_per_second")
 
 
-def run_config(base: RunConfig, kind: str, seed: int) -> RunConfig:
-    """The config of one compared run."""
+def run_config(base: RunConfig, kind: str, seed: int, thin: dict | None = None) -> RunConfig:
+    """The config of one compared run; ``thin`` is the thin run's model options
+    (``thin_model``)."""
     if kind not in RUN_KINDS:
         raise DanceError(f"unknown run kind {kind!r}; choose from {', '.join(RUN_KINDS)}")
     cfg = base.model_copy(deep=True)
+    if kind == "thin":
+        if thin is None:
+            raise ValueError("the thin run needs its model options (thin_model)")
+        cfg.model.options = dict(thin)
     cfg.train.seed = seed
     data_on = kind in ("uniform", "progressive", "shuffled", "data", "dance")
     cfg.data_slimming.enabled = data_on
@@ -60,6 +73,55 @@ def run_config(base: RunConfig, kind: str, seed: int) -> RunConfig:
     if kind == "short":  # training for fewer steps: the first thing a user would try
         cfg.train.steps_fraction = cfg.data_slimming.budget
     return cfg
+
+
+def thin_model(cfg: RunConfig) -> dict:
+    """The thin run's model options: the head's channels scaled so the model's inference FLOPs
+    at the training crop are ``network_budget`` x the plain model's."""
+    from dance.data.datasets import open_dataset
+    from dance.network.registry import thin_options
+    budget = cfg.network_slimming.network_budget
+    if budget is None:
+        raise DanceError("the thin run matches network_slimming.network_budget, which is not set "
+                         "(e.g. network_slimming.network_budget=0.5)")
+    ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
+    return thin_options(cfg.model.name, ds.num_classes, cfg.model.options, budget,
+                        (1, 3, *cfg.train.crop))
+
+
+def lowres_runs(cfg: RunConfig, baseline_dirs: list[str], fraction: float) -> list[dict]:
+    """Each baseline model evaluated at the input scale whose inference FLOPs are ``fraction``
+    of its full-resolution ones: the metrics of a plain model deployed at a lower resolution."""
+    from dance.data.datasets import open_dataset
+    from dance.data.io import image_size
+    from dance.engine.checkpoint import load_model
+    from dance.engine.evaluate import _FixedScale, evaluate, measure_inference
+    from dance.network.flops import count_gflops
+    ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
+    h, w = image_size(ds.samples[0].image)
+    out = []
+    for folder in baseline_dirs:
+        model = load_model(folder)
+        full = count_gflops(model, (1, 3, h, w))
+
+        def size(s: float) -> tuple[int, int]:
+            return max(1, round(h * s)), max(1, round(w * s))
+        lo, hi = 0.05, 1.0
+        for _ in range(12):  # FLOPs grow with the scale
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if count_gflops(model, (1, 3, *size(mid))) < fraction * full \
+                else (lo, mid)
+        scale = min((lo, hi), key=lambda s: abs(count_gflops(model, (1, 3, *size(s)))
+                                                 - fraction * full))
+        res = evaluate(model, ds, resolution=_FixedScale(scale), progress=False)
+        inf = measure_inference(model, size(scale))
+        m = json.loads((Path(folder) / "metrics.json").read_text())
+        m.update(miou=res["miou"], per_class_iou=res["per_class_iou"], pixel_acc=res["pixel_acc"],
+                 gflops=res["mean_gflops"], latency_ms=inf["latency_ms"],
+                 peak_memory_mb=inf["peak_memory_mb"], input_scale=scale,
+                 input_size=list(size(scale)), prune_events=[], history=[])
+        out.append(m)
+    return out
 
 
 def parse_runs(text: str) -> list[str]:
@@ -120,7 +182,8 @@ def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1
         score_cache = out_dir / "scores.cache.json"  # scored once, shared by every run
         data_fp = dataset_fingerprint_of(cfg)  # one pass over the files, for every run
         tasks = [(kind, cfg.train.seed + s) for s in range(seeds) for kind in runs]
-        jobs_ = [RunJob(run_config(cfg, kind, seed),
+        thin = thin_model(cfg) if "thin" in runs else None
+        jobs_ = [RunJob(run_config(cfg, kind, seed, thin),
                         out_dir / "runs" / (kind if seeds == 1 else f"{kind}-seed{seed}"),
                         f"{kind} (seed {seed})") for kind, seed in tasks]
         results = train_all(jobs_, score_cache, data_fp, progress, jobs)
@@ -131,6 +194,12 @@ def compare(cfg: RunConfig, runs: list[str], out_dir: str | Path, seeds: int = 1
             per_seed[kind].append(m)
             run_dirs[kind].append(str(job.folder))
             status[kind].append(what)
+        slimmed = next((k for k in ("dance", "network") if k in per_seed), None)
+        if cfg.network_slimming.network_budget is not None and slimmed:
+            fraction = (np.mean([m["gflops"] for m in per_seed[slimmed]])
+                        / np.mean([m["gflops"] for m in per_seed["baseline"]]))
+            per_seed["lowres"] = lowres_runs(cfg, run_dirs["baseline"], float(fraction))
+            run_dirs["lowres"], status["lowres"] = run_dirs["baseline"], ["evaluated"] * seeds
         report = aggregate(per_seed)
         report.update(config=cfg.to_dict(), seeds=seeds, run_dirs=run_dirs, run_status=status,
                       plots=[])
@@ -275,7 +344,7 @@ def _pm(mean: float, std: float, seeds: int, fmt: str = "{:.2f}") -> str:
 def summary_table(report: dict) -> str:
     """The compact table `dance demo` prints and report.md opens with."""
     rows = ["| run | mIoU | Δ mIoU | train GFLOPs (×base) | wall time (×base) | "
-            "infer GFLOPs (×base) | realised / planned cost | removed branches |",
+            "infer GFLOPs (×base) | realised / planned cost | removed |",
             "|---|---|---|---|---|---|---|---|"]
     for kind, r in report["runs"].items():
         q = report["ratios"][kind]
@@ -285,9 +354,17 @@ def summary_table(report: dict) -> str:
             f"{r['train_gflops_total']:.0f} ({q['train_gflops']:.2f}×) | "
             f"{r['train_seconds']:.0f} s ({q['train_seconds']:.2f}×) | "
             f"{r['gflops']:.2f} ({q['infer_gflops']:.2f}×) | "
-            f"{r['realised_cost']:.3f} / {r['planned_cost']:.3f} | "
-            f"{', '.join(r.get('removed_branches') or []) or '—'} |")
+            f"{r['realised_cost']:.3f} / {r['planned_cost']:.3f} | {_removed(r)} |")
     return "\n".join(rows)
+
+
+def _removed(r: dict) -> str:
+    text = ", ".join(r.get("removed_branches") or [])
+    if r.get("removed_channels"):
+        text += (" + " if text else "") + f"{r['removed_channels']:.0f} channels"
+    if r.get("input_scale"):
+        text = f"evaluated at input scale {r['input_scale']:.2f}"
+    return text or "—"
 
 
 def verdicts(report: dict) -> list[str]:
@@ -308,9 +385,13 @@ def verdicts(report: dict) -> list[str]:
         else:
             verdict = f"{'beat' if delta > 0 else 'lost to'} it beyond the seed spread " \
                       f"(±{spread:.2f})"
-        lines.append(f"DANCE vs {kind}: {delta:+.2f} mIoU at {ratios['dance']['train_gflops']:.2f}× "
-                     f"vs {ratios[kind]['train_gflops']:.2f}× the plain run's training FLOPs: "
-                     f"{verdict}")
+        if kind in INFERENCE_ALTERNATIVES:
+            cost = (f"{ratios['dance']['infer_gflops']:.2f}× vs {ratios[kind]['infer_gflops']:.2f}× "
+                    "the plain model's inference FLOPs")
+        else:
+            cost = (f"{ratios['dance']['train_gflops']:.2f}× vs {ratios[kind]['train_gflops']:.2f}× "
+                    "the plain run's training FLOPs")
+        lines.append(f"DANCE vs {kind}: {delta:+.2f} mIoU at {cost}: {verdict}")
     return lines
 
 
@@ -349,6 +430,17 @@ def render_markdown(report: dict) -> str:
                         f"{imp.get('loss_rise', float('nan')):+.4f} | "
                         f"{imp.get('gflops_saved', float('nan')):.3f} | "
                         f"{'yes' if b in e['removed'] else ''} |")
+            lines.append("")
+    for name, r in report["runs"].items():
+        rows = [(e["progress"], c) for e in r.get("prune_events") or [] for c in e.get("channels", [])]
+        if rows:
+            lines += [f"## Channel groups removed at each pruning point ({name}, seed 0)", "",
+                      "| progress | group (root layer) | width | channels removed | importance | "
+                      "GFLOPs saved (est.) |", "|---|---|---|---|---|---|"]
+            for progress, c in rows:
+                lines.append(f"| {progress:.0%} | `{c['layer']}` | {c['width_before']} → "
+                             f"{c['width_before'] - len(c['channels'])} | {len(c['channels'])} | "
+                             f"{c['importance']:.3g} | {c['gflops_saved']:.4f} |")
             lines.append("")
     for p in report.get("plots", []):
         lines += [f"![{Path(p).stem}]({Path(p).name})", ""]

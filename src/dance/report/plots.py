@@ -87,9 +87,17 @@ def plot_scales(plan_json: dict, epochs: int, path: Path) -> str:
 
 
 def plot_gates(metrics: dict, path: Path, run: str) -> str:
+    """Branch gates over training, and (with channel slimming) every channel group's width as a
+    fraction of its original, at each pruning point."""
     hist = metrics.get("history", [])
     names = sorted({n for h in hist for n in h.get("gates", {})})
-    fig, ax = plt.subplots(figsize=(7, 4))
+    events = metrics.get("prune_events", [])
+    widths = [e for e in events if e.get("widths")]
+    if widths:
+        fig, (ax, cax) = plt.subplots(1, 2, figsize=(13, 4))
+        _plot_widths(cax, events, len(hist) or 1, run)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
     for n in names:
         xs = [h["epoch"] for h in hist if n in h["gates"]]
         ys = [h["gates"][n] for h in hist if n in h["gates"]]
@@ -105,6 +113,60 @@ def plot_gates(metrics: dict, path: Path, run: str) -> str:
     ax.set_ylabel("gate value")
     ax.set_title(f"Branch gates ({run}); dashed lines: pruning points")
     ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)
+
+
+def _plot_widths(ax, events: list[dict], epochs: int, run: str) -> None:
+    """Each group's width over the pruning points, as a fraction of its width before the first."""
+    original: dict[str, int] = {}
+    for e in events:
+        for c in e.get("channels", []):
+            original.setdefault(c["layer"], c["width_before"])
+        for layer, w in e.get("widths", {}).items():
+            original.setdefault(layer, w)
+    xs = [0.0] + [e["progress"] * epochs for e in events]
+    cut = {layer: 1.0 - min(e.get("widths", {}).get(layer, 0) for e in events) / w
+           for layer, w in original.items()}
+    top = sorted(cut, key=cut.get, reverse=True)[:6]
+    for layer, w in original.items():
+        ys = [1.0] + [e.get("widths", {}).get(layer, 0) / w for e in events]
+        ax.plot(xs, ys, marker="o", ms=2, lw=1.5 if layer in top else 0.6,
+                alpha=1.0 if layer in top else 0.4, label=layer if layer in top else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("channels kept (fraction of original)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"Channel groups ({run}); most slimmed named")
+    ax.legend(fontsize=6)
+
+
+def plot_inference_pareto(report: dict, path: Path) -> str:
+    """mIoU vs inference GFLOPs of every deployed model (DANCE's, the thin one, the plain one at
+    a lower input resolution...), with the Pareto front: the models nothing beats on both."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    points = []
+    for kind, r in report["runs"].items():
+        x = report["ratios"][kind]["infer_gflops"]
+        points.append((x, r["miou"]))
+        ax.errorbar(x, r["miou"], yerr=r.get("miou_std", 0) or None, fmt="o", capsize=3)
+        ax.annotate(kind, (x, r["miou"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        base = report["runs"]["baseline"]["gflops"]
+        curve = [c for c in r.get("miou_flops_curve", []) if c["name"] == "adaptive"]
+        for c in curve:
+            points.append((c["mean_gflops"] / base, c["miou"]))
+            ax.plot(c["mean_gflops"] / base, c["miou"], marker="*", ms=12, ls="none")
+            ax.annotate(f"{kind}, adaptive input", (c["mean_gflops"] / base, c["miou"]),
+                        textcoords="offset points", xytext=(6, -10), fontsize=8)
+    front, best = [], -float("inf")
+    for x, y in sorted(points):
+        if y > best:
+            front.append((x, y))
+            best = y
+    ax.plot(*zip(*front), ls="--", color="grey", lw=1, label="Pareto front")
+    ax.set_xlabel("inference GFLOPs / plain model")
+    ax.set_ylabel("mIoU (points)")
+    ax.set_title("Deployed models: accuracy vs inference cost")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -207,6 +269,8 @@ def make_plots(report: dict, cfg: RunConfig, out_dir: Path) -> list[str]:
                                  indicator=cfg.data_slimming.indicator)
         report["runs"][curve_run]["miou_flops_curve"] = curve
         made.append(plot_miou_vs_flops(curve, out_dir / "miou_vs_flops.png", curve_run))
+    if any(k in report["runs"] for k in ("dance", "network", "thin", "lowres")):
+        made.append(plot_inference_pareto(report, out_dir / "inference_pareto.png"))
     if "baseline" in report["run_dirs"]:
         made.append(plot_predictions(report, cfg, out_dir / "predictions.png"))
     return made

@@ -143,7 +143,8 @@ class BiSeNetV1(SegmentationNet):
         return self.head(self.ffm(self.spatial_path(x), self.context_path(x)))
 
 
-@register_model("bisenet_v1_r18")
+@register_model("bisenet_v1_r18", head=("spatial_channels", "context_channels",
+                                                 "fusion_channels"))
 def bisenet_v1_r18(num_classes: int, pretrained_backbone: str | None = None,
                    spatial_channels: int = 128, context_channels: int = 128,
                    fusion_channels: int = 256) -> BiSeNetV1:

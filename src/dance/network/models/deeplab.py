@@ -113,7 +113,7 @@ class MobileNetV2LowHigh(nn.Module):
         return low, self.high(low)
 
 
-@register_model("deeplabv3plus_r50")
+@register_model("deeplabv3plus_r50", head=("aspp_channels", "decoder_channels"))
 def deeplabv3plus_r50(num_classes: int, pretrained_backbone: str | None = None,
                       aspp_channels: int = 256, decoder_channels: int = 256,
                       atrous_rates: Sequence[int] = (6, 12, 18),
@@ -123,7 +123,7 @@ def deeplabv3plus_r50(num_classes: int, pretrained_backbone: str | None = None,
                          decoder_channels, atrous_rates, dropout)
 
 
-@register_model("deeplabv3plus_mbv2")
+@register_model("deeplabv3plus_mbv2", head=("aspp_channels", "decoder_channels"))
 def deeplabv3plus_mbv2(num_classes: int, pretrained_backbone: str | None = None,
                        aspp_channels: int = 256, decoder_channels: int = 256,
                        atrous_rates: Sequence[int] = (6, 12, 18), dropout: float = 0.1,

@@ -271,7 +271,7 @@ class HRNetW18Small(SegmentationNet):
         return self.hrnet(x)
 
 
-@register_model("hrnet_w18_small")
+@register_model("hrnet_w18_small", head=("widths",))
 def hrnet_w18_small(num_classes: int, pretrained_backbone: str | None = None,
                     widths: Sequence[int] = (18, 36, 72, 144), stem_channels: int = 64,
                     stage1_blocks: int = 2, blocks_per_branch: int = 2,

@@ -71,7 +71,7 @@ class PSPNet(SegmentationNet):
         return self.classifier(self.dropout(self.ppm(self.backbone(x)[-1])))
 
 
-@register_model("pspnet_r18")
+@register_model("pspnet_r18", head=("bin_channels", "ppm_channels"))
 def pspnet_r18(num_classes: int, pretrained_backbone: str | None = None,
                bins: Sequence[int] = (1, 2, 3, 6), bin_channels: int | None = None,
                ppm_channels: int = 256, dropout: float = 0.1) -> PSPNet:
@@ -79,7 +79,7 @@ def pspnet_r18(num_classes: int, pretrained_backbone: str | None = None,
                   dropout)
 
 
-@register_model("pspnet_r50")
+@register_model("pspnet_r50", head=("bin_channels", "ppm_channels"))
 def pspnet_r50(num_classes: int, pretrained_backbone: str | None = None,
                bins: Sequence[int] = (1, 2, 3, 6), bin_channels: int | None = None,
                ppm_channels: int = 512, dropout: float = 0.1) -> PSPNet:
