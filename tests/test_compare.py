@@ -5,7 +5,8 @@ import pytest
 
 from dance.cli import main
 from dance.errors import DanceError
-from dance.report.compare import RUN_KINDS, aggregate, parse_runs, run_config
+from dance.network.registry import thin_options
+from dance.report.compare import RUN_KINDS, aggregate, parse_runs, run_config, thin_model
 from tiny import TINY, tiny_synth
 
 
@@ -119,6 +120,24 @@ def test_run_kinds_and_bad_input():
     assert not cfg.network_slimming.enabled
     cfg = run_config(RunConfig(), "network", seed=0)
     assert not cfg.data_slimming.enabled and cfg.network_slimming.enabled
+    cfg = run_config(RunConfig(), "thin", seed=0, thin={"aspp_channels": 31})
+    assert cfg.model.options == {"aspp_channels": 31}
+    assert not cfg.data_slimming.enabled and not cfg.network_slimming.enabled
+    with pytest.raises(DanceError, match="network_budget, which is not set"):
+        thin_model(RunConfig())
+    with pytest.raises(DanceError, match="has no head-width options"):
+        thin_options("lraspp_mobilenet_v3_large", 5, {}, 0.5, (1, 3, 64, 64))
+
+
+def test_thin_options_scale_the_head_to_the_budget():
+    import dance
+    shape = (1, 3, 64, 128)
+    opts = {"width_mult": 0.5, "aspp_channels": 64, "decoder_channels": 64}
+    thin = thin_options("deeplabv3plus_mbv2", 5, opts, 0.5, shape)
+    assert thin["width_mult"] == 0.5 and thin["aspp_channels"] == thin["decoder_channels"] < 64
+    ratio = (dance.count_gflops(dance.build_model("deeplabv3plus_mbv2", 5, **thin), shape)
+             / dance.count_gflops(dance.build_model("deeplabv3plus_mbv2", 5, **opts), shape))
+    assert ratio == pytest.approx(0.5, abs=0.02)
 
 
 def test_short_runs_fewer_steps_with_the_schedule_compressed(compared):
@@ -209,3 +228,19 @@ def test_jobs_train_runs_side_by_side_with_the_same_results(compared, capsys):
     capsys.readouterr()
     assert main([*args, "--out", str(two), "--jobs", "0"]) == 1
     assert capsys.readouterr().err.strip() == "dance compare: error: --jobs must be at least 1, got 0"
+
+
+def test_bench_models_times_every_deployed_model_of_a_compare(compared, capsys):
+    out, _ = compared
+    assert main(["bench", "models", "--compare", str(out), "--runs", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    rows = {row["run"]: row for row in r["rows"]}
+    assert list(rows) == [*RUN_KINDS, "lowres"]
+    assert rows["baseline"]["ratios"] == {"params_m": 1.0, "gflops": 1.0, "latency_ms": 1.0}
+    assert rows["dance"]["gflops"] < rows["baseline"]["gflops"]
+    assert rows["dance"]["params_m"] < rows["baseline"]["params_m"]
+    assert rows["lowres"]["params_m"] == rows["baseline"]["params_m"]
+    assert rows["lowres"]["input"][0] < rows["baseline"]["input"][0]
+    assert all(row["latency_ms"] > 0 for row in rows.values())
+    assert main(["bench", "models", "--compare", str(out / "nope")]) == 1
+    assert "report.json: not found" in capsys.readouterr().err

@@ -130,8 +130,12 @@ def _bench_commands(sub) -> None:
                    help="alternating rounds, best kept")
     p.add_argument("--data", default=None, help="SynthStreets root (generated if incomplete)")
 
-    p = command("models", "params, GFLOPs, latency before/after removing each model's largest branch")
-    p.add_argument("--size", type=_size, default=(512, 1024), help="HxW of the input")
+    p = command("models", "params, GFLOPs, latency before/after removing each model's largest "
+                          "branch, or of every deployed model of a compare (--compare)")
+    p.add_argument("--size", dest="size_given", type=_size, default=None,
+                   help="HxW of the input (default 512x1024; with --compare, the compare's size)")
+    p.add_argument("--compare", default=None,
+                   help="a `dance compare` folder: time the deployed model of each of its runs")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--models", default=None, help="comma-separated (default: all)")
     p.add_argument("--runs", type=_int_at_least(0), default=5,
@@ -267,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "train DANCE side by side with the plain run and the alternatives; write a report")
     p.add_argument("--config", required=True, help="YAML config (sections and keys: docs/cli.md#config)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    p.add_argument("--runs", default=",".join(RUN_KINDS),
-                   help="comma-separated run kinds (baseline is always included)")
+    p.add_argument("--runs", default=None,
+                   help=f"comma-separated run kinds (baseline is always included); default: "
+                        f"{','.join(RUN_KINDS)} (thin only with a network budget)")
     p.add_argument("--seeds", type=int, default=1, help="repeat every run with N seeds")
     p.add_argument("--saturation", action="store_true",
                    help="instead: train the plain recipe at 0.5x, 1x and 2x its epochs and say "

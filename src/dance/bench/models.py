@@ -1,5 +1,7 @@
 """`dance bench models`: params, GFLOPs and latency of each model before and after removing the
-largest branch of each of its multi-scale modules (what network slimming can remove)."""
+largest branch of each of its multi-scale modules (what network slimming can remove); with
+``--compare DIR``, of the deployed model of every run of a `dance compare` folder instead, timed
+side by side."""
 from __future__ import annotations
 
 import argparse
@@ -14,21 +16,23 @@ from dance.bench.common import finish_machine, machine_info, machine_line, markd
 from dance.errors import DanceError
 
 
-def latencies_ms(models: list[torch.nn.Module], shape: tuple[int, ...],
+def latencies_ms(models: list[torch.nn.Module], shape: tuple[int, ...] | list[tuple[int, ...]],
                  runs: int) -> list[float | None]:
-    """Median latency of each model. Runs alternate between the models, so load from other
-    processes on a shared machine falls on all of them alike."""
+    """Median latency of each model (on one input ``shape``, or one shape per model). Runs
+    alternate between the models, so load from other processes on a shared machine falls on all
+    of them alike."""
     if runs <= 0:
         return [None] * len(models)
     device = next(models[0].parameters()).device
-    x = torch.rand(shape, device=device)
+    shapes = shape if isinstance(shape, list) else [shape] * len(models)
+    xs = [torch.rand(s, device=device) for s in shapes]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        for model in models:
+        for model, x in zip(models, xs):
             model(x)  # warm-up: oneDNN / cuDNN pick their kernels on the first call
         for _ in range(runs):
-            for model, t in zip(models, times):
+            for model, x, t in zip(models, xs, times):
                 sync()
                 start = time.perf_counter()
                 model(x)
@@ -101,6 +105,64 @@ def bench_models(size: tuple[int, int] = (512, 1024), device: str = "cpu",
             "models": rows}
 
 
+def bench_deployed(compare_dir: str, size: tuple[int, int] | None = None, device: str = "cpu",
+                   runs: int = 20, threads: int = 2) -> dict:
+    """Params, GFLOPs and latency of the deployed model of every run kind of a `dance compare`
+    folder (its first seed), timed side by side, with ratios to the baseline. Input: ``size``
+    (default: the size the compare evaluated at); a ``lowres`` row runs the baseline model at its
+    reduced scale of that size."""
+    import json
+    from pathlib import Path
+
+    from dance.engine.checkpoint import load_model
+    from dance.engine.runtime import pick_device
+    report_file = Path(compare_dir) / "report.json"
+    if not report_file.is_file():
+        raise DanceError(f"{report_file}: not found; --compare takes a finished `dance compare` "
+                         "folder")
+    report = json.loads(report_file.read_text())
+    dev = pick_device(device)
+    machine = machine_info(dev)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows, models, shapes = [], [], []
+    try:
+        for kind, dirs in report["run_dirs"].items():
+            r = report["runs"][kind]
+            h, w = size or tuple(report["runs"]["baseline"]["input_size"])
+            scale = r.get("input_scale") or 1.0
+            shape = (1, 3, max(1, round(h * scale)), max(1, round(w * scale)))
+            model = load_model(dirs[0]).to(dev)
+            models.append(model)
+            shapes.append(shape)
+            rows.append({"run": kind, "input": list(shape[2:]), **model_size(model, shape)})
+        for row, ms in zip(rows, latencies_ms(models, shapes, runs)):
+            row["latency_ms"] = ms
+    finally:
+        torch.set_num_threads(threads_before)
+    base = rows[0]
+    for row in rows:
+        row["ratios"] = {k: (row[k] / base[k] if base[k] else None)
+                         for k in ("params_m", "gflops", "latency_ms")}
+    return {"bench": "deployed", "machine": finish_machine(machine),
+            "setup": {"compare": str(compare_dir), "runs": runs, "threads": threads}, "rows": rows}
+
+
+def format_deployed(r: dict) -> str:
+    def cell(row: dict, key: str, fmt: str) -> str:
+        if row[key] is None:
+            return "-"
+        return f"{row[key]:{fmt}} ({row['ratios'][key]:.2f}×)"
+    table = markdown_table(
+        ["run", "input", "params (M)", "GFLOPs", "latency (ms, measured)"],
+        [(row["run"], "x".join(map(str, row["input"])), cell(row, "params_m", ".3f"),
+          cell(row, "gflops", ".3f"), cell(row, "latency_ms", ".2f")) for row in r["rows"]])
+    s = r["setup"]
+    return (f"Deployed models of {s['compare']} (seed 0 of each run), batch 1, "
+            f"{s['runs']} timed runs each (median, runs alternating), {s['threads']} CPU threads; "
+            f"ratios to the baseline.\n{machine_line(r['machine'])}\n\n{table}")
+
+
 def _change(before: dict, after: dict, key: str, fmt: str) -> str:
     """``before → after (change%)`` for one table column."""
     if before[key] is None:
@@ -126,7 +188,10 @@ def format_models(r: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """``dance bench models``: run it, print its table (or ``--json``)."""
+    if args.compare:
+        return show(args, bench_deployed(args.compare, args.size_given, args.device, args.runs,
+                                         args.threads), format_deployed)
     names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    result = bench_models(args.size, args.device, names, args.runs, args.threads,
-                          args.num_classes)
+    result = bench_models(args.size_given or (512, 1024), args.device, names, args.runs,
+                          args.threads, args.num_classes)
     return show(args, result, format_models)
