@@ -454,7 +454,9 @@ def _energy_kind(report: dict) -> str:
 
 def cli_compare(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    runs = parse_runs(args.runs)
+    # by default every kind; thin matches a network budget, so only when there is one
+    runs = parse_runs(args.runs) if args.runs else [
+        k for k in RUN_KINDS if k != "thin" or cfg.network_slimming.network_budget is not None]
     if args.seeds < 1:
         raise DanceError(f"--seeds must be at least 1, got {args.seeds}")
     if args.jobs < 1:
