@@ -310,3 +310,10 @@ def test_state_dict_round_trip(toy):
 def test_bad_settings_are_one_line_errors(kwargs, match):
     with pytest.raises(DanceError, match=match):
         NetworkSlimmer(ToyNet(), input_shape=SHAPE, **kwargs)
+
+
+def test_expected_fraction_averages_the_targets_over_training():
+    # 1 until 0.3, 5/6 to 0.5, 2/3 to 0.7, then 1/2
+    assert NetworkSlimmer.expected_fraction([0.3, 0.5, 0.7], 0.5) == pytest.approx(0.75)
+    assert NetworkSlimmer.expected_fraction([0.1, 0.2, 0.3], 0.5) == pytest.approx(0.6)
+    assert NetworkSlimmer.expected_fraction([0.5], None) == 1.0

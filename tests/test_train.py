@@ -201,6 +201,22 @@ def test_two_process_gloo_torchrun(config, tmp_path):
     assert m["removed_branches"]  # both ranks removed the same branch and finished
 
 
+def test_a_joint_budget_spends_the_network_saving_on_data(config, tmp_path):
+    """With data_slimming.joint_budget the budget is the whole run's training FLOPs: the data
+    plan is made at budget / the network's expected FLOPs fraction (0.5 / 0.7 here), and the
+    run's total lands on the budget while its data plan alone costs more."""
+    plain = run_train(config, tmp_path / "plain", "data_slimming.enabled=false",
+                      "network_slimming.enabled=false")
+    m = run_train(config, tmp_path / "joint", "data_slimming.policy=uniform",
+                  "data_slimming.joint_budget=true", "network_slimming.prune_at=[0.25]",
+                  "network_slimming.network_budget=0.6")
+    assert m["planned_cost"] == pytest.approx(0.5 / 0.7, abs=0.02)
+    assert m["removed_channels"] > 0
+    total = m["train_gflops_total"] / plain["train_gflops_total"]
+    assert abs(total - 0.5) <= 0.03, total
+    assert m["realised_cost"] > 0.6  # the data side alone, priced on the original architecture
+
+
 def test_runs_are_trimmed_to_spend_their_budget(config, tmp_path, tmp_path_factory):
     """sqrt(0.5) crops round up to 48x88 (over 0.51x the FLOPs of 64x128): without the trim a
     uniform run overspends; with it the run stops at the step that lands on the budget."""

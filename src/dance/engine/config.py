@@ -121,6 +121,10 @@ class DataSlimmingConfig(_Strict):
     # at scale s a batch holds about batch_size / s² images (the pixels of a full-scale batch),
     # the learning rate scaled by the linear rule (Multigrid training, Wu et al. 2020)
     multigrid: bool = False
+    # the budget is the whole run's training FLOPs, network slimming's saving included: the data
+    # plan is made at budget / the network's expected mean FLOPs fraction over training, and the
+    # trim counts the FLOPs of the model as it is (docs/method.md#joint-budget)
+    joint_budget: bool = False
 
     @field_validator("budget")
     @classmethod

@@ -283,6 +283,7 @@ class CostLedger:
     train_mpixels: float = 0.0
     full_mpixels: float = 0.0
     train_units: float = 0.0
+    actual_units: float = 0.0  # the same, at the FLOPs of the model as it was (joint budget)
     epochs_trained: float = 0.0  # fractional: a run trimmed to its budget stops mid-epoch
     plain_scale: float = 1.0
 
@@ -303,6 +304,7 @@ class CostLedger:
         self.plan_gflops += planned * n
         self.full_gflops += full * n * full_factor
         self.train_units += n * planned / full
+        self.actual_units += n * step / full
         self.accounting_seconds += time.perf_counter() - t0
         self.images_seen += n
         self.train_mpixels += n * h * w / 1e6

@@ -17,7 +17,7 @@ from dance.errors import DanceError
 
 _LEDGER_FIELDS = ("train_gflops", "full_gflops", "images_seen", "accounting_seconds")
 _LEDGER_OPTIONAL = ("train_mpixels", "full_mpixels", "train_units", "epochs_trained",  # absent
-                    "plan_gflops")
+                    "plan_gflops", "actual_units")
 # from older checkpoints
 
 

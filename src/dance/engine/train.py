@@ -290,6 +290,26 @@ def policy_mean_scale(policy) -> float:
     return round(mean * 8) / 8
 
 
+def joint(cfg: RunConfig) -> bool:
+    """Whether the budget counts network slimming's saving (``data_slimming.joint_budget`` with
+    network slimming towards a ``network_budget``)."""
+    ns = cfg.network_slimming
+    ds = cfg.data_slimming
+    return ds.enabled and ds.joint_budget and ns.enabled and ns.network_budget is not None
+
+
+def data_budget(cfg: RunConfig) -> float:
+    """The budget the data plan is made at: ``data_slimming.budget``, or with a joint budget,
+    that over the network's expected mean FLOPs fraction (capped at 1): the data spends what the
+    slimmer saves (docs/method.md#joint-budget)."""
+    budget = cfg.data_slimming.budget
+    if not joint(cfg):
+        return budget
+    ns = cfg.network_slimming
+    mean = NetworkSlimmer.expected_fraction(ns.prune_at, ns.network_budget)
+    return min(1.0, budget / mean)
+
+
 def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: Path | None,
                     progress: bool) -> DataSlimmingPlan:
     """The data side's decision for this run (docs/method.md#data-policy, #run-kinds)."""
@@ -297,14 +317,15 @@ def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: 
     ds = cfg.data_slimming
     if not ds.enabled:
         return plan(np.zeros(len(ids)), 1.0, ids)
+    budget = data_budget(cfg)
     if ds.policy == "uniform":
-        return uniform_plan(ids, ds.budget)
+        return uniform_plan(ids, budget)
     if ds.policy == "progressive":
-        return progressive_plan(ids, ds.budget, final_full=ds.final_full)
+        return progressive_plan(ids, budget, final_full=ds.final_full)
     from dance.data.scoring import score_dataset
     rows = score_dataset(train_ds, (ds.indicator,), cache_path=score_cache, progress=progress)
     scores = np.array([r.score for r in rows], dtype=np.float64)
-    p = plan(scores, ds.budget, ids, schedule=ds.schedule, drop=ds.drop,
+    p = plan(scores, budget, ids, schedule=ds.schedule, drop=ds.drop,
              downsample=ds.downsample, weighting=ds.weighting, keep_floor=ds.keep_floor,
              scales_per_epoch=ds.scales_per_epoch, final_full=ds.final_full)
     if ds.policy == "shuffled":
@@ -360,7 +381,8 @@ def horizon_epochs(cfg: RunConfig) -> float:
 
 
 def budget_horizon(cfg: RunConfig, sampler: BucketedBatchSampler, n_images: int,
-                   step_cost=None, from_epoch: int = 0, spent: float = 0.0) -> float:
+                   step_cost=None, from_epoch: int = 0, spent: float = 0.0,
+                   full_cost: float | None = None) -> float:
     """How many epochs (fractional) the run trains, its learning-rate schedule spanning them.
 
     A slimmed data plan predicts its cost from scales alone; the batches really trained cost
@@ -371,14 +393,15 @@ def budget_horizon(cfg: RunConfig, sampler: BucketedBatchSampler, n_images: int,
     was trained before, in images at the full crop), and the run stops at the step where the total reaches
     the budget times the plain run's, so every run of a compare spends the same compute
     (docs/method.md#cost-accounting). ``step_cost(hw)`` is the cost of one image at crop ``hw``
-    (the model's training FLOPs; input pixels when None). The recipe's length is the limit."""
+    (the model's training FLOPs; input pixels when None), ``full_cost`` that of an image at
+    the full crop (default ``step_cost(crop)``). The recipe's length is the limit."""
     base = horizon_epochs(cfg)
     ds, tc = cfg.data_slimming, cfg.train
     if not (ds.enabled and ds.trim_to_budget):
         return base
     crop = tuple(tc.crop)
     step_cost = step_cost or (lambda hw: float(hw[0] * hw[1]))
-    full = step_cost(crop)
+    full = step_cost(crop) if full_cost is None else full_cost
     allowed = ds.budget * base * n_images
     units: dict[float, float] = {}
     for epoch in range(from_epoch, math.ceil(base - 1e-9)):
@@ -398,15 +421,21 @@ def budget_horizon(cfg: RunConfig, sampler: BucketedBatchSampler, n_images: int,
 def set_horizon(run: Run, state: TrainState, epoch: int) -> bool:
     """Before each epoch: the run's horizon from what it has spent and the current plan
     (`budget_horizon`; a re-plan moves it a little), and whether ``epoch`` is still to train."""
-    spent = state.ledger.train_units
+    together = joint(run.cfg)
+    spent = state.ledger.actual_units if together else state.ledger.train_units
     if run.rt.distributed:
         spent = float(all_reduce_(torch.tensor([spent], dtype=torch.float64).to(run.rt.device),
                                   run.rt).item())
-    model = run.reference if run.reference is not None else run.model
+    reference = run.reference if run.reference is not None else run.model
+    # the data plan's cost is priced on the original architecture; a joint budget prices the
+    # steps to come on the model as it is now, against the original's full-crop step
+    model = run.model if together else reference
     run.sampler.plan = state.plan  # the plan the coming epochs train from
     run.horizon = budget_horizon(run.cfg, run.sampler, run.n_images,
                                  lambda hw: count_gflops(model, (1, 3, *hw), backward=True),
-                                 from_epoch=epoch, spent=spent)
+                                 from_epoch=epoch, spent=spent,
+                                 full_cost=count_gflops(reference, (1, 3, *run.cfg.train.crop),
+                                                        backward=True))
     return epoch < math.ceil(run.horizon - 1e-9)
 
 

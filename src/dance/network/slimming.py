@@ -244,6 +244,20 @@ class NetworkSlimmer:
         k = self.prune_at.index(point) + 1
         return 1.0 - (1.0 - self.network_budget) * k / len(self.prune_at)
 
+    @staticmethod
+    def expected_fraction(prune_at: Sequence[float], network_budget: float | None) -> float:
+        """The model's inference FLOPs averaged over training, as a fraction of the original's,
+        if every pruning point lands on its target: 1 until the first point, then each
+        point's share of ``network_budget`` (``target_fraction``). 1 without a budget."""
+        if network_budget is None or not prune_at:
+            return 1.0
+        points = sorted(prune_at) + [1.0]
+        mean = points[0]
+        for k in range(len(prune_at)):
+            share = 1.0 - (1.0 - network_budget) * (k + 1) / len(prune_at)
+            mean += (points[k + 1] - points[k]) * share
+        return mean
+
     # -- pruning --------------------------------------------------------------------------------
 
     def prune(self, model: nn.Module, probe_batches: ProbeBatches, loss_fn: LossFn,
