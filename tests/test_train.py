@@ -214,6 +214,8 @@ def test_a_joint_budget_spends_the_network_saving_on_data(config, tmp_path):
     assert m["removed_channels"] > 0
     total = m["train_gflops_total"] / plain["train_gflops_total"]
     assert abs(total - 0.5) <= 0.03, total
+    assert m["total_cost"] == pytest.approx(total, rel=0.01)
+    assert m["cost_note"] is None  # the joint budget is checked on the total
     assert m["realised_cost"] > 0.6  # the data side alone, priced on the original architecture
 
 

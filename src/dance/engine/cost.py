@@ -319,6 +319,12 @@ class CostLedger:
     def realised_pixel_cost(self) -> float:
         return self.train_mpixels / max(self.full_mpixels * self.plain_scale, 1e-12)
 
+    @property
+    def total_cost(self) -> float:
+        """The run's training FLOPs as they were (a slimmed network's steps cheaper) over the
+        plain run's: what a joint budget bounds."""
+        return self.train_gflops / max(self.full_gflops * self.plain_scale, 1e-12)
+
     def off_plan(self, planned: float, tolerance: float = 0.03) -> str | None:
         """Why the realised cost misses ``planned`` by more than ``tolerance`` (relative), in
         numbers; None when it lands."""

@@ -608,7 +608,15 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
     train_seconds = wall_seconds - ledger.accounting_seconds
     h, w = run.cfg.train.crop
     planned = plan0.predicted_cost * run.cfg.train.steps_fraction
-    cost_note = total.off_plan(planned)
+    if joint(run.cfg):  # the budget bounds the whole run: check that, not the data side alone
+        budget = run.cfg.data_slimming.budget
+        off = total.total_cost / budget - 1
+        cost_note = (None if abs(off) <= 0.03 else
+                     f"training FLOPs {total.total_cost:.3f} of the plain run are {off:+.1%} off "
+                     f"the joint budget {budget:.3f} (the network landed "
+                     f"{'below' if off < 0 else 'above'} its expected mean FLOPs fraction)")
+    else:
+        cost_note = total.off_plan(planned)
     if cost_note and run.rt.is_main:
         print(f"dance train: warning: {cost_note}", file=sys.stderr)
     return {
@@ -624,6 +632,7 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "trained_epochs": ledger.epochs_trained,
         "realised_cost": total.realised_cost,
         "realised_pixel_cost": total.realised_pixel_cost,
+        "total_cost": total.total_cost,
         "cost_note": cost_note,
         "removed_branches": model.dance_arch.removed_branches,
         "removed_channels": sum(len(r["channels"]) for r in model.dance_arch.removed
