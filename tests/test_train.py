@@ -28,7 +28,7 @@ def config(synth, tmp_path_factory):
 dataset: {{name: synth, root: {synth}}}
 model: {{name: deeplabv3plus_mbv2}}
 train: {{seed: 0}}
-data_slimming: {{enabled: true, budget: 0.5}}
+data_slimming: {{enabled: true, budget: 0.5, joint_budget: false}}
 network_slimming: {{enabled: true, prune_at: [0.5], network_budget: 0.8}}
 """)
     return f

@@ -124,7 +124,7 @@ class DataSlimmingConfig(_Strict):
     # the budget is the whole run's training FLOPs, network slimming's saving included: the data
     # plan is made at budget / the network's expected mean FLOPs fraction over training, and the
     # trim counts the FLOPs of the model as it is (docs/method.md#joint-budget)
-    joint_budget: bool = False
+    joint_budget: bool = True
 
     @field_validator("budget")
     @classmethod
