@@ -83,6 +83,16 @@ def test_models_before_and_after_removing_the_largest_branch(capsys):
     assert m["after"]["params_m"] < m["before"]["params_m"]
 
 
+def test_models_slimmed_to_a_network_budget(capsys):
+    r = run_json(capsys, "models", *TINY, "--models", "pspnet_r18", "--runs", "1",
+                 "--network-budget", "0.5")
+    (m,) = r["models"]
+    assert r["setup"]["network_budget"] == 0.5
+    assert any(x.endswith(" channels") for x in m["removed"])
+    assert m["ratios"]["gflops"] == pytest.approx(0.5, abs=0.05)
+    assert m["after"]["params_m"] < m["before"]["params_m"]
+
+
 def test_train_plain_vs_dance_ratios(capsys, tmp_path):
     # 16 images: with 8, five scale buckets of one or two images each are padded to whole
     # batches, and the run (rightly) warns that it spent 0.84 of the plain run for a plan of 0.5

@@ -136,6 +136,9 @@ def _bench_commands(sub) -> None:
                    help="HxW of the input (default 512x1024; with --compare, the compare's size)")
     p.add_argument("--compare", default=None,
                    help="a `dance compare` folder: time the deployed model of each of its runs")
+    p.add_argument("--network-budget", type=float, default=None,
+                   help="instead of removing the largest branches, slim each model (channels "
+                        "and branches) to this fraction of its FLOPs")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--models", default=None, help="comma-separated (default: all)")
     p.add_argument("--runs", type=_int_at_least(0), default=5,
