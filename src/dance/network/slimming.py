@@ -241,8 +241,7 @@ class NetworkSlimmer:
         budget over the scheduled points, so the budget is met at the last one."""
         if self.network_budget is None:
             return None
-        k = self.prune_at.index(point) + 1
-        return 1.0 - (1.0 - self.network_budget) * k / len(self.prune_at)
+        return _share(self.prune_at.index(point) + 1, len(self.prune_at), self.network_budget)
 
     @staticmethod
     def expected_fraction(prune_at: Sequence[float], network_budget: float | None) -> float:
@@ -254,8 +253,7 @@ class NetworkSlimmer:
         points = sorted(prune_at) + [1.0]
         mean = points[0]
         for k in range(len(prune_at)):
-            share = 1.0 - (1.0 - network_budget) * (k + 1) / len(prune_at)
-            mean += (points[k + 1] - points[k]) * share
+            mean += (points[k + 1] - points[k]) * _share(k + 1, len(prune_at), network_budget)
         return mean
 
     # -- pruning --------------------------------------------------------------------------------
@@ -518,6 +516,12 @@ class NetworkSlimmer:
         self.done = [float(p) for p in state["done"]]
         self.original_gflops = float(state["original_gflops"])
         self.events = [PruneEvent(**e) for e in state["events"]]
+
+
+def _share(k: int, points: int, network_budget: float) -> float:
+    """The target after the k-th of ``points`` pruning points (1-based), as a fraction of the
+    original FLOPs: falling linearly from 1 to ``network_budget``."""
+    return 1.0 - (1.0 - network_budget) * k / points
 
 
 def rebuild_optimizer(optimizer: torch.optim.Optimizer,
