@@ -275,7 +275,8 @@ class CostLedger:
 
     train_gflops: float = 0.0
     full_gflops: float = 0.0
-    plan_gflops: float = -1.0  # -1: not counted (older checkpoints), read as train_gflops
+    plan_gflops: float | None = None  # None: as train_gflops (older checkpoints priced the
+    # plan on the model as it ran)
     images_seen: int = 0
     accounting_seconds: float = 0.0
     # the same two totals in input pixels: where FLOPs and pixels part, the shapes are to blame
@@ -286,6 +287,10 @@ class CostLedger:
     actual_units: float = 0.0  # the same, at the FLOPs of the model as it was (joint budget)
     epochs_trained: float = 0.0  # fractional: a run trimmed to its budget stops mid-epoch
     plain_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.plan_gflops is None:
+            self.plan_gflops = self.train_gflops
 
     def add_step(self, model: torch.nn.Module, batch_shape: tuple[int, ...],
                  full_hw: tuple[int, int], full_factor: float,
@@ -298,8 +303,6 @@ class CostLedger:
         step = count_gflops(model, (1, 3, h, w), backward=True)
         planned = count_gflops(reference, (1, 3, h, w), backward=True)
         full = count_gflops(reference, (1, 3, *full_hw), backward=True)
-        if self.plan_gflops < 0:
-            self.plan_gflops = self.train_gflops
         self.train_gflops += step * n
         self.plan_gflops += planned * n
         self.full_gflops += full * n * full_factor
@@ -312,8 +315,7 @@ class CostLedger:
 
     @property
     def realised_cost(self) -> float:
-        planned = self.train_gflops if self.plan_gflops < 0 else self.plan_gflops
-        return planned / max(self.full_gflops * self.plain_scale, 1e-12)
+        return self.plan_gflops / max(self.full_gflops * self.plain_scale, 1e-12)
 
     @property
     def realised_pixel_cost(self) -> float:
