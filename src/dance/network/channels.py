@@ -60,10 +60,15 @@ class ChannelGroup:
     gflops_per_channel: float
 
     def chunk(self, round_to: int = ROUND_TO) -> int:
-        """How many channels the next removal takes: down to the next multiple of ``round_to``
-        below ``channels`` (0 when that would leave fewer than ``round_to``)."""
-        keep = (self.channels - 1) // round_to * round_to
-        return self.channels - keep if keep >= round_to else 0
+        """How many channels the next removal takes (``chunk_size``)."""
+        return chunk_size(self.channels, round_to)
+
+
+def chunk_size(width: int, round_to: int = ROUND_TO) -> int:
+    """How many channels a removal from a group of ``width`` takes: down to the next multiple of
+    ``round_to`` below ``width`` (0 when that would leave fewer than ``round_to``)."""
+    keep = (width - 1) // round_to * round_to
+    return width - keep if keep >= round_to else 0
 
 
 class _Graph:

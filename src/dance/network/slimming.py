@@ -357,8 +357,7 @@ class NetworkSlimmer:
         short_of_budget = False
         removals: list[dict] = []
         if self.channels and target is not None:
-            short_of_budget = self._budget_with_channels(model, probe, target, table, take,
-                                                         removals)
+            short_of_budget = self._budget_with_channels(model, probe, target, take, removals)
             target_loop = None
         else:
             target_loop = target
@@ -400,7 +399,7 @@ class NetworkSlimmer:
             model.zero_grad(set_to_none=True)
 
     def _budget_with_channels(self, model: nn.Module, probe: _Probe | None, target: float,
-                              table: dict[str, dict], take, removals: list[dict]) -> bool:
+                              take, removals: list[dict]) -> bool:
         """Meet ``target`` GFLOPs by removing channel chunks and branches together, least
         important per GFLOP first (docs/method.md#channel-slimming). In rounds: rank every chunk
         (``ROUND_TO`` channels of a group, its least important first) and every removable branch,
@@ -433,9 +432,7 @@ class NetworkSlimmer:
                 if saved >= gap:
                     break
             for c in picked:
-                if "branch" in c:
-                    if c["branch"] not in table:
-                        table[c["branch"]] = c["row"]
+                if "branch" in c:  # live at this point's start, so in ``table``
                     remove_branches(model, [c["branch"]])
                     take(c["branch"], "budget")
             by_layer: dict[str, list[dict]] = {}
@@ -466,7 +463,7 @@ class NetworkSlimmer:
                 continue
             order = torch.argsort(imp).tolist()
             width, start = g.channels, 0
-            while (k := ch.ChannelGroup(g.layer, width, [], [], 0.0).chunk()) > 0:
+            while (k := ch.chunk_size(width)) > 0:
                 idx = order[start:start + k]
                 value = float(imp[idx].sum())
                 if not math.isfinite(value):
