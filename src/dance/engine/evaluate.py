@@ -355,7 +355,7 @@ def miou_flops_curve(model: nn.Module, dataset, train_scores: np.ndarray,
         if setting == "adaptive":
             name, policy = "adaptive", AdaptiveResolution(train_scores, indicator=indicator)
         elif isinstance(setting, (int, float)) and setting > 0:
-            name, policy = f"scale {setting:g}", _FixedScale(float(setting))
+            name, policy = f"scale {setting:g}", FixedScale(float(setting))
         else:
             raise DanceError(f"curve setting must be a positive scale or 'adaptive', "
                              f"got {setting!r}")
@@ -365,7 +365,7 @@ def miou_flops_curve(model: nn.Module, dataset, train_scores: np.ndarray,
     return points
 
 
-class _FixedScale:
+class FixedScale:
     """A resolution policy that gives every image the same scale."""
 
     def __init__(self, scale: float) -> None:
@@ -375,7 +375,7 @@ class _FixedScale:
         return self.scale
 
 
-__all__ = ["AdaptiveResolution", "evaluate", "measure_inference", "miou_flops_curve"]
+__all__ = ["AdaptiveResolution", "FixedScale", "evaluate", "measure_inference", "miou_flops_curve"]
 
 
 def eval_fields(model: nn.Module, dataset, device: str | torch.device = "cpu",

@@ -100,3 +100,13 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int] = (1, 3, 512, 1024
 def clear_cache() -> None:
     """Forget every count (they are keyed by architecture, so this is only to free memory)."""
     _GFLOPS_CACHE.clear()
+
+
+def closest_argument(cost, target: float, lo: float, hi: float, steps: int = 12) -> float:
+    """The argument in [lo, hi] at which ``cost`` (growing with it, e.g. a model's FLOPs as a
+    function of a width factor or an input scale) comes closest to ``target``: bisection, then
+    the nearer of the two last bounds."""
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) < target else (lo, mid)
+    return min((lo, hi), key=lambda a: abs(cost(a) - target))

@@ -103,7 +103,7 @@ def thin_options(name: str, num_classes: int, options: Mapping[str, Any], fracti
     """``options`` with the head's channel counts scaled by one factor, so the model's inference
     GFLOPs at ``input_shape`` come closest to ``fraction`` of what ``options`` give: the thinner
     model a user would pick instead of slimming (docs/method.md#run-kinds)."""
-    from dance.network.flops import count_gflops
+    from dance.network.flops import closest_argument, count_gflops
     _load_all()
     if name not in _REGISTRY:
         raise DanceError(f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
@@ -123,13 +123,8 @@ def thin_options(name: str, num_classes: int, options: Mapping[str, Any], fracti
     def gflops(opts: Mapping[str, Any]) -> float:
         return count_gflops(build_model(name, num_classes, None, **opts), input_shape)
 
-    target = fraction * gflops(options)
-    lo, hi = 0.0, 1.0
-    for _ in range(12):  # FLOPs grow with the factor: bisect to within 3e-4 of it
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if gflops(scaled(mid)) < target else (lo, mid)
-    best = min((scaled(lo), scaled(hi)), key=lambda o: abs(gflops(o) - target))
-    return best
+    factor = closest_argument(lambda m: gflops(scaled(m)), fraction * gflops(options), 0.0, 1.0)
+    return scaled(factor)
 
 
 def _load_all() -> None:

@@ -95,8 +95,8 @@ def lowres_runs(cfg: RunConfig, baseline_dirs: list[str], fraction: float) -> li
     from dance.data.datasets import open_dataset
     from dance.data.io import image_size
     from dance.engine.checkpoint import load_model
-    from dance.engine.evaluate import _FixedScale, evaluate, measure_inference
-    from dance.network.flops import count_gflops
+    from dance.engine.evaluate import FixedScale, evaluate, measure_inference
+    from dance.network.flops import closest_argument, count_gflops
     ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
     h, w = image_size(ds.samples[0].image)
     out = []
@@ -106,14 +106,9 @@ def lowres_runs(cfg: RunConfig, baseline_dirs: list[str], fraction: float) -> li
 
         def size(s: float) -> tuple[int, int]:
             return max(1, round(h * s)), max(1, round(w * s))
-        lo, hi = 0.05, 1.0
-        for _ in range(12):  # FLOPs grow with the scale
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if count_gflops(model, (1, 3, *size(mid))) < fraction * full \
-                else (lo, mid)
-        scale = min((lo, hi), key=lambda s: abs(count_gflops(model, (1, 3, *size(s)))
-                                                 - fraction * full))
-        res = evaluate(model, ds, resolution=_FixedScale(scale), progress=False)
+        scale = closest_argument(lambda s, m=model: count_gflops(m, (1, 3, *size(s))),
+                                 fraction * full, 0.05, 1.0)
+        res = evaluate(model, ds, resolution=FixedScale(scale), progress=False)
         inf = measure_inference(model, size(scale))
         m = json.loads((Path(folder) / "metrics.json").read_text())
         m.update(miou=res["miou"], per_class_iou=res["per_class_iou"], pixel_acc=res["pixel_acc"],
