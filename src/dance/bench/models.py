@@ -134,7 +134,7 @@ def bench_deployed(compare_dir: str, size: tuple[int, int] | None = None, device
     from pathlib import Path
 
     from dance.engine.checkpoint import load_model
-    from dance.engine.runtime import pick_device
+    from dance.engine.runtime import cpu_threads, pick_device
     report_file = Path(compare_dir) / "report.json"
     if not report_file.is_file():
         raise DanceError(f"{report_file}: not found; --compare takes a finished `dance compare` "
@@ -142,10 +142,8 @@ def bench_deployed(compare_dir: str, size: tuple[int, int] | None = None, device
     report = json.loads(report_file.read_text())
     dev = pick_device(device)
     machine = machine_info(dev)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     rows, models, shapes = [], [], []
-    try:
+    with cpu_threads(threads):
         for kind, dirs in report["run_dirs"].items():
             r = report["runs"][kind]
             h, w = size or tuple(report["runs"]["baseline"]["input_size"])
@@ -157,8 +155,6 @@ def bench_deployed(compare_dir: str, size: tuple[int, int] | None = None, device
             rows.append({"run": kind, "input": list(shape[2:]), **model_size(model, shape)})
         for row, ms in zip(rows, latencies_ms(models, shapes, runs)):
             row["latency_ms"] = ms
-    finally:
-        torch.set_num_threads(threads_before)
     base = rows[0]
     for row in rows:
         row["ratios"] = {k: (row[k] / base[k] if base[k] else None)
