@@ -74,6 +74,33 @@ def test_counts_are_cached_per_architecture_and_leave_the_model_alone(monkeypatc
     assert len(calls) == 1 and after < before
 
 
+@pytest.mark.parametrize("name", dance.list_models())
+def test_the_hook_count_equals_flop_counter_mode_on_every_model(name):
+    model = dance.build_model(name, 5)
+    if name == "deeplabv3plus_mbv2":  # and on a channel-slimmed one
+        from dance.network.channels import channel_groups, remove_channels
+        group = channel_groups(model, (1, 3, 64, 96))[3]
+        remove_channels(model, group.layer, list(range(8)))
+    for shape, backward in (((1, 3, 64, 96), False), ((2, 3, 72, 104), True)):
+        assert flops._count_by_hooks(model, shape, backward) == \
+            flops.count_flops_torch(model, shape, backward), (shape, backward)
+
+
+def test_a_model_the_hooks_miss_is_counted_by_flop_counter_mode():
+    class Functional(nn.Module):  # a convolution the layer hooks cannot see
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4, 3, 3, 3))
+
+        def forward(self, x):
+            return torch.nn.functional.conv2d(x, self.w, padding=1)
+
+    model = Functional()
+    assert flops._count_by_hooks(model, (1, 3, 8, 8), False) == 0
+    assert flops.count_flops(model, (1, 3, 8, 8), True) == \
+        flops.count_flops_torch(model, (1, 3, 8, 8), True) > 0
+
+
 def test_branch_shares_are_the_flops_their_removal_saves():
     model = dance.build_model("deeplabv3plus_mbv2", 19, **MBV2)
     shape = (1, 3, 512, 1024)
