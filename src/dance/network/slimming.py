@@ -176,6 +176,8 @@ class NetworkSlimmer:
         self.channel_lambda = float(channel_lambda)
         self.channel_importance = channel_importance
         self._channel_terms: dict[tuple, list[tuple[list[str], float]]] = {}
+        self._scales_key: tuple | None = None  # the parameters of the last architecture only
+        self._scales: tuple[list[torch.Tensor], torch.Tensor] = ([], torch.zeros(0))
         self.original_gflops = count_gflops(unwrap_model(model), self.input_shape)
         self.done: list[float] = []
         self.events: list[PruneEvent] = []
@@ -209,10 +211,28 @@ class NetworkSlimmer:
                 c = torch.tensor([s for _, _, s in shares], dtype=gates.dtype, device=gates.device)
                 total = total + self.lam * (c * gates.abs()).sum()
         if self.channels and self.channel_lambda > 0:
+            scales, coef = self._channel_scales(model, mean_scale)
+            if scales:  # one weighted sum over every scale: a handful of ops, not one per layer
+                flat = torch.cat([w.reshape(-1) for w in scales])
+                total = total + self.channel_lambda * (coef.to(flat) * flat.abs()).sum()
+        return total
+
+    def _channel_scales(self, model: nn.Module, mean_scale: float
+                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The removable groups' BatchNorm scales and, per channel, its group's ``c_g``."""
+        key = (id(model), architecture_signature(model),
+               _scaled_shape(self.input_shape, mean_scale))
+        if self._scales_key != key:
+            weights, coef = [], []
             for bns, c in self._channel_cost(model, mean_scale):
                 for bn in bns:
-                    total = total + (self.channel_lambda * c) * model.get_submodule(bn).weight.abs().sum()
-        return total
+                    w = model.get_submodule(bn).weight
+                    weights.append(w)
+                    coef.append(torch.full((w.numel(),), float(c)))
+            self._scales_key = key
+            device = weights[0].device if weights else None
+            self._scales = (weights, torch.cat(coef).to(device) if coef else torch.zeros(0))
+        return self._scales
 
     def _channel_cost(self, model: nn.Module, mean_scale: float) -> list[tuple[list[str], float]]:
         """Per removable group: its BatchNorms and ``c_g``, what one of its channels costs at the
