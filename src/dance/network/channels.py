@@ -32,7 +32,7 @@ import torch_pruning as tp
 from torch import nn
 
 from dance.errors import DanceError
-from dance.network.flops import architecture_signature, meta_copy
+from dance.network.flops import architecture_signature, counting_copy
 
 ROUND_TO = 8
 # The dependency graph does not depend on the input size; trace on a small one (every model's
@@ -163,7 +163,7 @@ def _output_layers(model: nn.Module) -> list[nn.Module]:
 def conv_gflops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
     """Inference GFLOPs of every convolution of ``model`` at ``input_shape`` (multiply-add = 2,
     like dance's FLOPs counter), by path; counted on a meta copy."""
-    net = meta_copy(model)
+    net = counting_copy(model)
     out: dict[str, float] = {}
     handles = []
     for name, m in net.named_modules():
@@ -235,11 +235,11 @@ def remove_channels(model: nn.Module, layer: str, channels: Iterable[int]) -> nn
     group = graph.group(layer, channels)
     with torch.no_grad():
         group.prune(record_history=False)
+    arch = getattr(model, "dance_arch", None)
+    if arch is not None:  # recorded first: the architecture key (flops.py) reads the record
+        arch.removed.append({"layer": layer, "channels": channels})
     graph.refresh()
     _check_concats(model)
-    arch = getattr(model, "dance_arch", None)
-    if arch is not None:
-        arch.removed.append({"layer": layer, "channels": channels})
     return model
 
 

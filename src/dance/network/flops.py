@@ -119,12 +119,19 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], backward: bool = F
 _HOOKS_AGREE: dict[type, bool] = {}
 
 
-def _count_by_hooks(model: nn.Module, input_shape: Sequence[int], backward: bool) -> int:
+def counting_copy(model: nn.Module) -> nn.Module:
+    """A meta copy of ``model`` (`meta_copy`) without its shape-preserving free layers
+    (BatchNorm, activations, dropout), for counting convolutions fast."""
     net = meta_copy(model)
-    for name, m in list(net.named_modules()):
+    for m in list(net.modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, _FREE):
                 setattr(m, child_name, nn.Identity())
+    return net
+
+
+def _count_by_hooks(model: nn.Module, input_shape: Sequence[int], backward: bool) -> int:
+    net = counting_copy(model)
     total = 0
 
     def hook(m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
