@@ -12,6 +12,7 @@ All randomness is drawn from the ``generator`` passed in, so a sample is a pure 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,15 +31,19 @@ def scaled_crop(crop: tuple[int, int], scale: float, multiple: int = 8) -> tuple
     return tuple(max(multiple, round(c * scale / multiple) * multiple) for c in crop)
 
 
+def _check_shapes(image, mask) -> None:
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be H x W x 3, got shape {tuple(image.shape)}")
+    if tuple(mask.shape) != tuple(image.shape[:2]):
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from image "
+                         f"{tuple(image.shape[:2])}")
+
+
 def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     """HxWx3 uint8 and HxW uint8 numpy arrays (or tensors) as uint8 3xHxW / 1xHxW tv_tensors."""
     # decoded arrays are read-only views of PIL's buffer; torch wants writable memory
     img = torch.from_numpy(np.array(image, copy=True)) if isinstance(image, np.ndarray) else image
     msk = torch.from_numpy(np.array(mask, copy=True)) if isinstance(mask, np.ndarray) else mask
-    if img.ndim != 3 or img.shape[-1] != 3:
-        raise ValueError(f"image must be H x W x 3, got shape {tuple(img.shape)}")
-    if msk.shape != img.shape[:2]:
-        raise ValueError(f"mask shape {tuple(msk.shape)} differs from image {tuple(img.shape[:2])}")
     return tv_tensors.Image(img.permute(2, 0, 1)), tv_tensors.Mask(msk[None])
 
 
@@ -46,6 +51,22 @@ def _finish(img: torch.Tensor, msk: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """uint8 3xHxW -> float32 [0, 1]; 1xHxW mask -> int64 HxW (plain tensors)."""
     return (img.as_subclass(torch.Tensor).to(torch.float32).div_(255.0).contiguous(),
             msk.as_subclass(torch.Tensor)[0].to(torch.int64))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One sample's random choices (`TrainTransform.draw`): resize to ``size``, pad by ``pad``
+    (bottom, right), crop ``crop`` at ``(top, left)``, flip or not. ``decode_size``: the
+    fewest pixels the image may be decoded at, the smaller of ``size`` and the image at the
+    plan's scale (a zoom-in of the augmentation upsamples from the plan's resolution)."""
+
+    size: tuple[int, int]
+    decode_size: tuple[int, int]
+    crop: tuple[int, int]
+    pad: tuple[int, int]
+    top: int
+    left: int
+    flip: bool
 
 
 class TrainTransform:
@@ -75,8 +96,14 @@ class TrainTransform:
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, scale: float = 1.0,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        img, msk = _to_tensors(image, mask)
-        h, w = img.shape[-2:]
+        _check_shapes(image, mask)
+        return self.apply(image, mask, self.draw(tuple(image.shape[:2]), scale, generator))
+
+    def draw(self, full_hw: tuple[int, int], scale: float = 1.0,
+             generator: torch.Generator | None = None) -> Draw:
+        """The random choices for an image of ``full_hw`` (as stored) at plan scale ``scale``:
+        known before the image is decoded, so a loader can decode no more pixels than it needs."""
+        h, w = full_hw
         ch, cw = scaled_crop(self.crop, scale)
         # Always draw the same four numbers in the same order, so a generator's stream (and
         # hence every later sample drawn from it) does not depend on the image's size.
@@ -86,18 +113,34 @@ class TrainTransform:
             lo, hi = 1 - (1 - lo) * scale, 1 + (hi - 1) * scale
         # One resize for both the augmentation and the plan's scale, done in uint8.
         factor = (lo + (hi - lo) * u[0]) * scale
-        size = [max(1, round(h * factor)), max(1, round(w * factor))]
-        if size != [h, w]:
-            img = F.resize(img, size, InterpolationMode.BILINEAR, antialias=True)
-            msk = F.resize(msk, size, InterpolationMode.NEAREST_EXACT)
+        size = (max(1, round(h * factor)), max(1, round(w * factor)))
         pad_h, pad_w = max(ch - size[0], 0), max(cw - size[1], 0)
+        planned = (max(1, round(h * scale)), max(1, round(w * scale)))
+        return Draw(size=size, decode_size=(min(size[0], planned[0]), min(size[1], planned[1])),
+                    crop=(ch, cw), pad=(pad_h, pad_w),
+                    top=math.floor(u[1] * (size[0] + pad_h - ch + 1)),
+                    left=math.floor(u[2] * (size[1] + pad_w - cw + 1)),
+                    flip=u[3] < self.hflip)
+
+    def apply(self, image: np.ndarray, mask: np.ndarray, d: Draw
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transform of ``draw``'s choices: image and mask each resized to ``d.size`` from
+        whatever size they come at, padded, cropped, flipped."""
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image must be H x W x 3, got shape {tuple(image.shape)}")
+        img, msk = _to_tensors(image, mask)
+        size = list(d.size)
+        if list(img.shape[-2:]) != size:
+            img = F.resize(img, size, InterpolationMode.BILINEAR, antialias=True)
+        if list(msk.shape[-2:]) != size:
+            msk = F.resize(msk, size, InterpolationMode.NEAREST_EXACT)
+        pad_h, pad_w = d.pad
         if pad_h or pad_w:
             img = F.pad(img, [0, 0, pad_w, pad_h], fill=0)
             msk = F.pad(msk, [0, 0, pad_w, pad_h], fill=self.ignore_index)
-        top = math.floor(u[1] * (size[0] + pad_h - ch + 1))
-        left = math.floor(u[2] * (size[1] + pad_w - cw + 1))
-        img, msk = F.crop(img, top, left, ch, cw), F.crop(msk, top, left, ch, cw)
-        if u[3] < self.hflip:
+        ch, cw = d.crop
+        img, msk = F.crop(img, d.top, d.left, ch, cw), F.crop(msk, d.top, d.left, ch, cw)
+        if d.flip:
             img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
         return _finish(img, msk)
 
@@ -106,4 +149,5 @@ class EvalTransform:
     """Evaluation recipe: no resize, no crop; (float32 3xHxW in [0, 1], int64 HxW)."""
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_shapes(image, mask)
         return _finish(*_to_tensors(image, mask))
