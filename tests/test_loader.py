@@ -88,3 +88,45 @@ def test_bad_sample_error_names_the_file(folder):
         data[(bad, 1.0, 0)]
     with pytest.raises(DanceError, match="on_bad_sample"):
         PlannedDataset(folder, TrainTransform(CROP), on_bad_sample="ignore")
+
+
+def test_jpeg_is_decoded_at_the_dct_scale_the_sample_needs_with_exact_labels(tmp_path, monkeypatch):
+    """A JPEG at scale 0.5 is decoded at 1/2, at 0.25 at 1/4, never below the size the plan's
+    scale needs; its mask equals the full-resolution path's, nearest-downsampled."""
+    import dance.data.datasets as datasets_module
+    from dance.data.io import read_image_at_least
+    rng = np.random.default_rng(1)
+    (tmp_path / "images" / "train").mkdir(parents=True)
+    (tmp_path / "masks" / "train").mkdir(parents=True)
+    (tmp_path / "classes.txt").write_text("background\nthing\nother\n")
+    for name in "abcd":
+        smooth = np.kron(rng.integers(0, 256, (16, 24, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+        Image.fromarray(smooth).save(tmp_path / "images" / "train" / f"{name}.jpg", quality=90)
+        mask = np.kron(rng.integers(0, 3, (32, 48)), np.ones((8, 8))).astype(np.uint8)
+        Image.fromarray(mask).save(tmp_path / "masks" / "train" / f"{name}.png")
+    ds = open_dataset("folder", tmp_path, "train")
+    decoded = []
+
+    def spy(path, size_for):
+        image, stored = read_image_at_least(path, size_for)
+        decoded.append((image.shape[:2], size_for(stored)))
+        return image, stored
+
+    monkeypatch.setattr(datasets_module, "read_image_at_least", spy)
+    transform = TrainTransform((128, 192), scale_range=(0.9, 1.1))
+    data = PlannedDataset(ds, transform, seed=3)
+    for i in range(len(ds)):
+        for scale in (0.25, 0.5, 1.0):
+            item = data[(i, scale, 2)]
+            image, mask = ds.load(i)  # the full decode, then the same draw
+            want_x, want_y = transform(image, mask, scale, sample_generator(3, 2, i))
+            assert torch.equal(item["mask"], want_y)
+            assert item["image"].shape == want_x.shape
+            # the same picture: DCT-domain scaling and an upsampled zoom differ a little
+            assert (item["image"] - want_x).abs().mean() < 0.03
+    for (h, w), (need_h, need_w) in decoded:  # never below the need
+        assert h >= need_h and w >= need_w
+    assert [hw for hw, _ in decoded] == [(64, 96), (128, 192), (256, 384)] * len(ds)
+    data.reduced_decode = False
+    assert data[(0, 0.5, 2)]["image"].shape == (3, 64, 96)
+    assert decoded[-1][0] == (256, 384)  # decoded whole

@@ -182,6 +182,9 @@ def _bench_commands(sub) -> None:
     p.add_argument("--repeats", type=_int_at_least(1), default=3,
                    help="alternating rounds, best kept")
     p.add_argument("--data", default=None, help="SynthStreets root (generated if incomplete)")
+    p.add_argument("--format", dest="fmt", choices=("png", "jpeg"), default="png",
+                   help="how the images are stored: png (as SynthStreets), or jpeg (quality 90, "
+                        "decoded at the smallest DCT scale each sample needs)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@ timed side by side, the SynthStreets set it runs on, progress lines and printing
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -78,6 +79,31 @@ def synth_dataset(root: Path, train: int, val: int, size: tuple[int, int]):
     from dance.data.synth import generate_synthstreets
     made = generate_synthstreets(root, train=train, val=val, size=size, seed=0, progress=True)
     return open_dataset("synth", root, "train"), made
+
+
+def jpeg_folder(dataset, root: Path, quality: int = 90):
+    """``dataset``'s samples as a `folder`-layout dataset at ``root`` with JPEG images (quality
+    ``quality``) and train-id PNG masks: the format of BDD100K, ADE20K and most users' own
+    photos, for benchmarks of JPEG decoding. Written once, reused while complete."""
+    from PIL import Image
+
+    from dance.data.datasets import open_dataset
+    from dance.fileio import atomic_write_bytes
+    images, masks = root / "images" / "train", root / "masks" / "train"
+    for index, sample in enumerate(dataset.samples):
+        stem = sample.id.replace("/", "_")
+        jpg, png = images / f"{stem}.jpg", masks / f"{stem}.png"
+        if jpg.is_file() and png.is_file():
+            continue
+        image, mask = dataset.load(index)
+        for path, im, kw in ((jpg, Image.fromarray(image), {"quality": quality}),
+                             (png, Image.fromarray(mask), {})):
+            buf = io.BytesIO()
+            im.save(buf, "JPEG" if path.suffix == ".jpg" else "PNG", **kw)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, buf.getvalue())
+    (root / "classes.json").write_text(json.dumps(dataset.class_names))
+    return open_dataset("folder", root, "train")
 
 
 def say(message: str) -> None:

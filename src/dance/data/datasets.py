@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from dance.data.io import read_image, read_mask
+from dance.data.io import read_image, read_image_at_least, read_mask
 from dance.data.labels import IGNORE_INDEX
 from dance.errors import DanceError
 
@@ -132,15 +133,22 @@ class SegmentationDataset:
         np.add.at(per_train_id, self.lut, value_counts)
         return per_train_id[: self.num_classes], int(per_train_id[self.ignore_index])
 
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(image HxWx3 uint8 RGB, mask HxW uint8 train ids)`` of sample ``i``."""
+    def load(self, i: int, size_for: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """``(image HxWx3 uint8 RGB, mask HxW uint8 train ids)`` of sample ``i``. With
+        ``size_for`` (stored ``(H, W)`` -> the size the pixels are needed at) a JPEG image may
+        come decoded smaller (`read_image_at_least`); the mask is always at full size."""
         sample = self.samples[i]
         if sample.mask is None:
             raise DanceError(f"{sample.image}: {missing_mask_problem(self.expected_mask(sample))}")
-        image = read_image(sample.image)
+        if size_for is None:
+            image = read_image(sample.image)
+            stored = image.shape[:2]
+        else:
+            image, stored = read_image_at_least(sample.image, size_for)
         raw = read_mask(sample.mask)
-        if raw.shape != image.shape[:2]:
-            problem = size_mismatch_problem(raw.shape, image.shape[:2], sample.image)
+        if raw.shape != tuple(stored):
+            problem = size_mismatch_problem(raw.shape, tuple(stored), sample.image)
             raise DanceError(f"{sample.mask}: {problem}")
         return image, self.map_mask(raw, sample.mask)
 

@@ -1,7 +1,9 @@
 """The one image and mask reader of the project (PIL)."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,20 +12,44 @@ from PIL import Image, UnidentifiedImageError
 from dance.errors import DanceError
 
 
-def _decode(path: str | os.PathLike, mode: str) -> np.ndarray:
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """``Image.open`` with every failure as one DanceError line naming the file."""
     try:
         with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert(mode))
+            yield im
     except FileNotFoundError:
         raise DanceError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DanceError(f"{path}: unreadable or truncated image ({e})") from None
 
 
+def _decode(path: str | os.PathLike, mode: str) -> np.ndarray:
+    with _opened(path) as im:
+        im.load()
+        return np.asarray(im.convert(mode))
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to an ``H x W x 3`` uint8 RGB array."""
     return _decode(path, "RGB")
+
+
+def read_image_at_least(path: str | os.PathLike,
+                        size_for: Callable[[tuple[int, int]], tuple[int, int]]
+                        ) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image no larger than it will be used: ``size_for`` gets the stored ``(height,
+    width)`` from the header and returns the size the pixels are needed at; a JPEG is then
+    decoded at the smallest of 1/1, 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling, Pillow's
+    ``draft``) that is at least that on both sides, any other format at full size. Returns
+    ``(H' x W' x 3 uint8 RGB, stored (H, W))``."""
+    with _opened(path) as im:
+        w, h = im.size
+        need_h, need_w = size_for((h, w))
+        if im.format == "JPEG" and (need_h < h or need_w < w):
+            im.draft("RGB", (max(1, need_w), max(1, need_h)))
+        im.load()
+        return np.asarray(im.convert("RGB")), (h, w)
 
 
 def read_luma(path: str | os.PathLike) -> np.ndarray:

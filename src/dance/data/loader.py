@@ -7,11 +7,12 @@ and transforms them at that scale. Random augmentation draws from a generator se
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from dance.data.transforms import TrainTransform
 from dance.errors import DanceError
 
 ON_BAD_SAMPLE = ("error", "skip")
@@ -31,9 +32,15 @@ class PlannedDataset(torch.utils.data.Dataset):
     sample with ``on_bad_sample="skip"`` gives ``{"skipped": sample id, "index", "scale"}``
     instead (warned once per process on stderr), which `collate_planned` drops and reports, so
     the id reaches the trainer even from a worker process.
+
+    ``reduced_decode``: a JPEG image is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 of its
+    size that covers the sample's `Draw.decode_size` (the plan's scale, or the augmentation's
+    zoom-out below it); the mask is always decoded whole and nearest-resized, so labels are
+    exactly those of the full-resolution path (docs/method.md#data-policy).
     """
 
-    def __init__(self, dataset, transform: Callable, seed: int = 0, on_bad_sample: str = "error"):
+    def __init__(self, dataset, transform: TrainTransform, seed: int = 0,
+                 on_bad_sample: str = "error", reduced_decode: bool = True):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise DanceError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, "
                              f"got {on_bad_sample!r}")
@@ -41,6 +48,7 @@ class PlannedDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.on_bad_sample = on_bad_sample
+        self.reduced_decode = reduced_decode
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -49,8 +57,17 @@ class PlannedDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, float, int]) -> dict:
         index, scale, epoch = key
         index, scale = int(index), float(scale)
+        generator = sample_generator(self.seed, int(epoch), index)
+        drawn = []
+
+        def size_for(stored_hw: tuple[int, int]) -> tuple[int, int]:
+            # the sample's random resize is drawn from the header's size, before decoding, so
+            # a JPEG is decoded at the smallest DCT scale that covers the plan's scale
+            drawn.append(self.transform.draw(stored_hw, scale, generator))
+            return drawn[0].decode_size if self.reduced_decode else stored_hw
+
         try:
-            image, mask = self.dataset.load(index)
+            image, mask = self.dataset.load(index, size_for=size_for)
         except DanceError as e:
             if self.on_bad_sample == "error":
                 if torch.utils.data.get_worker_info() is None:
@@ -64,8 +81,7 @@ class PlannedDataset(torch.utils.data.Dataset):
                 self._warned.add(sample_id)
                 print(f"warning: skipping bad sample {sample_id}: {e}", file=sys.stderr)
             return {"skipped": sample_id, "index": index, "scale": scale}
-        x, y = self.transform(image, mask, scale=scale,
-                              generator=sample_generator(self.seed, int(epoch), index))
+        x, y = self.transform.apply(image, mask, drawn[0])
         return {"image": x, "mask": y, "index": index, "scale": scale}
 
 
