@@ -93,13 +93,16 @@ def test_models_slimmed_to_a_network_budget(capsys):
     assert m["after"]["params_m"] < m["before"]["params_m"]
 
 
-def test_train_plain_vs_dance_ratios(capsys, tmp_path):
+def test_gpu_train_script_dry_run_on_the_cpu_gives_every_ratio(capsys, monkeypatch, tmp_path):
+    """benchmarks/gpu_train.py --device cpu --tiny: the GPU benchmark's whole path on a CPU."""
     # 16 images: with 8, five scale buckets of one or two images each are padded to whole
     # batches, and the run (rightly) warns that it spent 0.84 of the plain run for a plan of 0.5
-    r = run_json(capsys, "train", *TINY, "--train", "16", "--val", "2", "--epochs", "1",
-                 "--batch", "4", "--workers", "0", "--device", "cpu",
-                 "--model-options", TINY_MODEL, "--out", str(tmp_path / "bench"))
+    out = tmp_path / "bench"
+    assert run_script(monkeypatch, "--device", "cpu", "--tiny", "--model-options", TINY_MODEL,
+                      "--out", str(out), "--json") == 0
+    r = json.loads(capsys.readouterr().out)
     assert_machine(r["machine"])
+    assert r["setup"]["model"] == "deeplabv3plus_mbv2" and r["setup"]["size"] == [64, 128]
     plain, dance, q = r["plain"], r["dance"], r["ratios"]
     for key in ("images_per_second", "train_seconds", "train_gflops_total", "energy_joules"):
         assert plain[key] > 0 and dance[key] > 0
@@ -110,7 +113,16 @@ def test_train_plain_vs_dance_ratios(capsys, tmp_path):
     assert q["miou_delta"] == pytest.approx(dance["miou"] - plain["miou"])
     assert plain["planned_cost"] == 1.0 and dance["planned_cost"] == pytest.approx(0.5, abs=0.01)
     assert q["train_gflops"] < 0.8  # data slimming at budget 0.5 spent fewer training FLOPs
-    assert json.loads((tmp_path / "bench" / "results.json").read_text()) == r
+    assert json.loads((out / "results.json").read_text()) == r
+    # where a step's time went, and the step time at each input shape
+    for m in (plain, dance):
+        assert {"data", "forward", "backward", "optimizer", "accounting"} <= set(m["phase_seconds"])
+        steps = m["step_seconds_by_shape"]
+        assert sum(v["steps"] for v in steps.values()) > 0
+        assert all(v["ms_per_step"] > 0 for v in steps.values())
+    assert list(plain["step_seconds_by_shape"]) == ["64x128"]
+    assert "64x128" not in dance["step_seconds_by_shape"]  # one epoch at the plan's one scale
+    assert "prune" in dance["phase_seconds"]
 
 
 def test_train_defaults_to_the_demos_small_model_options():
@@ -151,22 +163,24 @@ def test_help_of_bench_and_of_a_subcommand(capsys):
     assert "--crop" in out and "--workers" in out and "--json" in out
 
 
+GPU_SCRIPT = str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train.py")
+
+
+def run_script(monkeypatch, *argv: str) -> int:
+    monkeypatch.setattr(sys, "argv", [GPU_SCRIPT, *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(GPU_SCRIPT, run_name="__main__")
+    return e.value.code
+
+
 def test_gpu_train_script_keeps_its_flags_and_defaults(capsys, monkeypatch):
-    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_train.py")
-
-    def run_script(*argv: str) -> int:
-        monkeypatch.setattr(sys, "argv", [script, *argv])
-        with pytest.raises(SystemExit) as e:
-            runpy.run_path(script, run_name="__main__")
-        return e.value.code
-
-    assert run_script("--help") == 0
+    assert run_script(monkeypatch, "--help") == 0
     out = capsys.readouterr().out
     for flag in ("--out", "--model", "--size", "--train", "--val", "--epochs", "--batch",
                  "--workers", "--device"):
         assert flag in out
     # its GPU-sized defaults come first, so a flag given to the script wins
-    assert run_script("--epochs", "0") == 1
+    assert run_script(monkeypatch, "--epochs", "0") == 1
     assert capsys.readouterr().err.strip() == (
         "dance bench: error: train: argument --epochs: must be >= 1, got 0")
 

@@ -236,3 +236,17 @@ def test_runs_are_trimmed_to_spend_their_budget(config, tmp_path, tmp_path_facto
                    "network_slimming: {enabled: false}\n")
     m = run_train(cfg, tmp_path / "small", "train.epochs=4")
     assert abs(m["realised_cost"] - m["planned_cost"]) <= 0.03 * m["planned_cost"]
+
+
+def test_warming_up_shapes_leaves_weights_gradients_and_batchnorm_statistics_alone():
+    """The per-shape warm-up (run on CUDA before each new shape) computes, then restores."""
+    from dance.engine.train import warm_shapes
+    model = dance.build_model("deeplabv3plus_mbv2", 5, width_mult=0.35, aspp_channels=16)
+    model.train()
+    model(torch.rand(2, 3, 64, 64)).mean().backward()  # a held gradient must survive as it is
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    warm_shapes(model, [(2, 3, 32, 64), (2, 3, 48, 96)], torch.device("cpu"), amp=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    now = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert now.keys() == grads.keys() and all(torch.equal(now[n], g) for n, g in grads.items())

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from dance.bench import common
 
-TRAIN_FIELDS = ("miou", "images_per_second", "train_seconds", "train_gflops_total",
+TRAIN_FIELDS = ("miou", "images_per_second", "train_seconds", "wall_seconds", "train_gflops_total",
                 "energy_joules", "energy_kind", "planned_cost", "realised_cost", "gflops",
                 "params", "latency_ms", "peak_memory_mb", "removed_branches", "device",
-                "phase_seconds")
+                "phase_seconds", "step_seconds_by_shape")
 
 
 def default_model_options(model: str) -> dict:
@@ -67,7 +67,7 @@ def bench_train(model: str = "deeplabv3plus_mbv2", size: tuple[int, int] = (128,
         "dataset": {"name": "synth", "root": str(root)},
         "model": {"name": model, "options": options},
         "train": {"epochs": epochs, "batch_size": batch, "crop": list(size), "lr": 0.01,
-                  "device": device, "amp": True, "workers": workers,
+                  "device": device, "amp": True, "workers": workers, "profile": True,
                   "scale_range": [0.75, 1.25]},
         "data_slimming": {"budget": budget},
     }, "dance bench train")
@@ -110,11 +110,21 @@ def format_train(r: dict) -> str:
     phases = "; ".join(f"{label} " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                  r[label]["phase_seconds"].items())
                        for label in ("plain", "dance"))
+    shapes = sorted({k for label in ("plain", "dance") for k in r[label]["step_seconds_by_shape"]},
+                    key=lambda k: [int(v) for v in k.split("x")])
+
+    def ms(label: str, shape: str) -> str:
+        step = r[label]["step_seconds_by_shape"].get(shape)
+        return f"{step['ms_per_step']:.1f} ({step['steps']})" if step else ""
+
+    steps = common.markdown_table(["input HxW", "plain ms/step (steps)", "dance ms/step (steps)"],
+                                  [(k, ms("plain", k), ms("dance", k)) for k in shapes])
     return (f"{s['model']}{opts} on SynthStreets {s['size'][0]}x{s['size'][1]}, "
             f"{s['train']} images x {s['epochs']} epochs, batch {s['batch']}, "
             f"{s['workers']} loader worker(s); DANCE at budget {s['budget']:g} with network "
             f"slimming (removed: {removed}).\n{common.machine_line(r['machine'])}\n\n{table}\n\n"
-            f"Seconds by phase: {phases}.")
+            f"Seconds by phase: {phases}.\n\nStep time (forward, backward, optimizer) by input "
+            f"shape:\n\n{steps}")
 
 
 run = common.cli_runner(bench_train, format_train, "model", "size", "train", "val", "epochs", "batch",

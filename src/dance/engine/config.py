@@ -65,6 +65,19 @@ class TrainConfig(_Strict):
     # CPU threads of this run's math (torch.set_num_threads); null keeps torch's default.
     # Small models on few cores often train faster on one thread (BENCHMARKS.md, "Threads")
     threads: int | None = Field(None, ge=1)
+    # JPEG images decoded at the smallest DCT scale (1/2, 1/4, 1/8) that covers the plan's scale
+    # (libjpeg's scaled decoding): a scale-0.5 sample decodes a quarter of the pixels. Masks are
+    # always decoded whole, so labels are exact. PNG and other formats are decoded whole
+    reduced_decode: bool = True
+    # CUDA only: channels-last memory layout for the model and its inputs (faster convolutions
+    # with bf16 on tensor cores), and one forward/backward per input shape before training, so
+    # cuDNN's algorithm search (cudnn.benchmark) is not charged to the first steps of each scale
+    channels_last: bool = True
+    warmup_shapes: bool = True
+    # synchronise the device at every phase boundary, so phase_seconds split a CUDA step into
+    # data, forward, backward, optimizer and accounting exactly (costs a little speed); the CPU
+    # has nothing to synchronise
+    profile: bool = False
     eval_mode: Literal["whole", "slide"] = "whole"
     eval_crop: tuple[int, int] | None = None  # sliding window; default: the training crop
     eval_every: int = Field(0, ge=0)  # epochs between validations during training; 0 = end only

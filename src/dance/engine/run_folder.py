@@ -23,7 +23,8 @@ from dance.errors import DanceError
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
 # Config keys that change how fast a run goes, never what it computes.
-_NOT_RESULT_KEYS = (("train", "workers"), ("train", "threads"))
+_NOT_RESULT_KEYS = (("train", "workers"), ("train", "threads"), ("train", "profile"),
+                    ("train", "warmup_shapes"))
 
 
 def dataset_identity(dataset) -> dict:

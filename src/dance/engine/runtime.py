@@ -61,7 +61,7 @@ def setup_runtime(device_name: str) -> Runtime:
     """Single process, or one process of a ``torchrun`` job (nccl on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Runtime(pick_device(device_name))
+        return _tuned(Runtime(pick_device(device_name)))
     import torch.distributed as dist
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name)
@@ -70,7 +70,15 @@ def setup_runtime(device_name: str) -> Runtime:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(device, rank, world, local)
+    return _tuned(Runtime(device, rank, world, local))
+
+
+def _tuned(rt: Runtime) -> Runtime:
+    """On CUDA, let cuDNN pick the fastest algorithm per input shape (a DANCE run has a few
+    fixed shapes, one per scale, each searched once: ``train.warmup_shapes``)."""
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return rt
 
 
 def all_reduce_(t: torch.Tensor, rt: Runtime) -> torch.Tensor:

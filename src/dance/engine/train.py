@@ -161,6 +161,9 @@ class Run:
     probe: list = field(default_factory=list)
     show: bool = True
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    # "HxW" -> [steps, seconds] of forward+backward+optimizer at that input shape
+    step_seconds: dict[str, list] = field(default_factory=dict)
+    warmed: set = field(default_factory=set)  # (architecture, shape) already warmed up
     meter: EnergyMeter | None = None
     tb: _Tensorboard | None = None
     fingerprint: dict = field(default_factory=dict)
@@ -189,6 +192,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
     bar = tqdm(total=run_steps, desc=f"epoch {epoch + 1}/{math.ceil(horizon)}",
                disable=not run.show, leave=False, file=sys.stderr)
     it, lr = iter(run.loader), tc.lr
+    log = _StepLog(run, epoch)
     for i in range(run_steps):
         with run.timer.phase("data"):
             batch = next(it)
@@ -202,45 +206,145 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
         bar.update(1)
         if batch["image"].shape[0] == 0:  # every sample of the batch was skipped
             continue
-        with run.timer.phase("step"):
-            loss, per_image = optimizer_step(run, batch, weights, mean_scale, epoch, i)
         x_shape = tuple(batch["image"].shape)
-        state.ledger.add_step(run.model, x_shape, tuple(tc.crop), full_factor, run.reference)
+        warm_up(run, [x_shape])
+        t0 = time.perf_counter()
+        loss, total, per_image = optimizer_step(run, batch, weights, mean_scale)
+        per_shape = run.step_seconds.setdefault(f"{x_shape[2]}x{x_shape[3]}", [0, 0.0])
+        per_shape[0] += 1
+        per_shape[1] += time.perf_counter() - t0
+        with run.timer.phase("accounting"):
+            state.ledger.add_step(run.model, x_shape, tuple(tc.crop), full_factor, run.reference)
         state.global_step += 1
-        state.hardness.observe(batch["index"].numpy(), per_image.double().cpu().numpy())
-        loss_value, scale = loss.item(), x_shape[3] / tc.crop[1]
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", scale=f"{scale:.3f}")
-        if run.tb is not None:
-            run.tb.scalars(state.global_step, **{"train/loss": loss_value, "train/lr": lr,
-                                                 "train/scale": scale})
+        log.add(i, batch["index"], per_image, loss, total, lr, x_shape[3] / tc.crop[1])
+        if len(log.steps) >= SYNC_EVERY:
+            log.flush(state, bar)
         progress_now = (epoch + (i + 1) / steps) / horizon
         if run.slimmer is not None and run.slimmer.due(progress_now):
+            log.flush(state, bar)
             with run.timer.phase("prune"):
                 prune_now(run, state, progress_now)
+    log.flush(state, bar)
     bar.close()
     state.ledger.epochs_trained += run_steps / steps
     return lr, mean_scale
 
 
-def optimizer_step(run: Run, batch: dict, weights: torch.Tensor, mean_scale: float, epoch: int,
-                   step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward, weighted loss (+ the slimmer's sparsity term), backward, update."""
-    rt = run.rt
-    x = batch["image"].to(rt.device, non_blocking=True)
-    y = batch["mask"].to(rt.device, non_blocking=True)
-    with autocast(rt.device, run.cfg.train.amp):
-        logits = run.ddp_model(x)
-    loss, per_image = weighted_cross_entropy(logits.float(), y, weights[batch["index"]].to(rt.device))
-    total = loss
-    if run.slimmer is not None:
-        total = total + run.slimmer.sparsity_loss(run.model, mean_scale)
-    if not torch.isfinite(total):
-        raise DanceError(f"loss became {total.item()} at epoch {epoch + 1} step {step + 1}; "
-                         f"training stopped (lower train.lr?); {last_good(run.ckpt_dir)}")
-    run.optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    run.optimizer.step()
-    return loss, per_image
+# Steps between reads of the loss on the host: a GPU is never made to wait for the host each
+# step; a non-finite loss is caught at the next read (docs/method.md#cost-accounting).
+SYNC_EVERY = 10
+
+
+class _StepLog:
+    """The losses of the last steps, kept on the device and read on the host together
+    (`flush`): the hardness record, the progress bar, TensorBoard and the finite-loss check."""
+
+    def __init__(self, run: Run, epoch: int):
+        self.run, self.epoch = run, epoch
+        self.steps: list[tuple] = []
+
+    def add(self, step: int, index: torch.Tensor, per_image: torch.Tensor, loss: torch.Tensor,
+            total: torch.Tensor, lr: float, scale: float) -> None:
+        """One step: its number in the epoch, images, per-image and mean data loss, the loss
+        it minimised (sparsity term included), learning rate and scale."""
+        pair = torch.stack([loss.detach().float(), total.detach().float()])
+        self.steps.append((step, index, per_image.detach(), pair, lr, scale))
+
+    def flush(self, state: TrainState, bar) -> None:
+        if not self.steps:
+            return
+        run, steps, self.steps = self.run, self.steps, []
+        pairs = torch.stack([s[3] for s in steps]).cpu()  # one wait for the device
+        losses, totals = pairs[:, 0], pairs[:, 1]
+        per_image = torch.cat([s[2].double() for s in steps]).cpu().numpy()
+        bad = (~torch.isfinite(totals)).nonzero()
+        if len(bad):
+            k = int(bad[0])
+            raise DanceError(f"loss became {totals[k].item()} at epoch {self.epoch + 1} step "
+                             f"{steps[k][0] + 1}; training stopped (lower train.lr?); "
+                             f"{last_good(run.ckpt_dir)}")
+        at, first = 0, state.global_step - len(steps) + 1
+        for k, (_, index, _, _, lr, scale) in enumerate(steps):
+            state.hardness.observe(index.numpy(), per_image[at:at + len(index)])
+            at += len(index)
+            if run.tb is not None:
+                run.tb.scalars(first + k, **{"train/loss": float(losses[k]), "train/lr": lr,
+                                             "train/scale": scale})
+        _, _, _, _, lr, scale = steps[-1]
+        bar.set_postfix(loss=f"{float(losses[-1]):.3f}", lr=f"{lr:.2e}", scale=f"{scale:.3f}")
+
+
+def optimizer_step(run: Run, batch: dict, weights: torch.Tensor, mean_scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, weighted loss (+ the slimmer's sparsity term), backward, update; returns the
+    data loss, the whole loss (sparsity term included) and the per-image losses, on the
+    device."""
+    rt, timer = run.rt, run.timer
+    with timer.phase("forward"):
+        x = batch["image"].to(rt.device, non_blocking=True)
+        if channels_last(run.cfg, rt):
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = batch["mask"].to(rt.device, non_blocking=True)
+        with autocast(rt.device, run.cfg.train.amp):
+            logits = run.ddp_model(x)
+        loss, per_image = weighted_cross_entropy(logits.float(), y,
+                                                 weights[batch["index"]].to(rt.device))
+        total = loss
+        if run.slimmer is not None:
+            total = total + run.slimmer.sparsity_loss(run.model, mean_scale)
+    with timer.phase("backward"):
+        run.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+    with timer.phase("optimizer"):
+        run.optimizer.step()
+    return loss, total, per_image
+
+
+def channels_last(cfg: RunConfig, rt: Runtime) -> bool:
+    return cfg.train.channels_last and rt.device.type == "cuda"
+
+
+def to_layout(model: nn.Module, cfg: RunConfig, rt: Runtime) -> None:
+    """The model's 4-d weights in channels-last layout where ``train.channels_last`` applies."""
+    if channels_last(cfg, rt):
+        model.to(memory_format=torch.channels_last)
+
+
+def warm_up(run: Run, shapes: list[tuple[int, ...]]) -> None:
+    """On CUDA (``train.warmup_shapes``), one forward and backward per input shape not yet seen
+    on this architecture, before it is trained: cuDNN's algorithm search and the allocator's
+    first requests land here, in the "warmup" phase, not in the steps of each new scale."""
+    if not (run.cfg.train.warmup_shapes and run.rt.device.type == "cuda"):
+        return
+    arch = len(run.model.dance_arch.removed)
+    todo = [s for s in shapes if (arch, s) not in run.warmed]
+    if todo:
+        with run.timer.phase("warmup"):
+            warm_shapes(run.model, todo, run.rt.device, run.cfg.train.amp,
+                        channels_last(run.cfg, run.rt))
+        run.warmed.update((arch, s) for s in todo)
+
+
+def warm_shapes(model: nn.Module, shapes: list[tuple[int, ...]], device: torch.device,
+                amp: bool, channels_last: bool = False) -> None:
+    """A forward and backward of ``model`` (not its DDP wrap: no collective, whatever the other
+    ranks do) on zeros of each shape; weights, gradients and BatchNorm statistics are left as
+    they were."""
+    stats = {k: v.clone() for k, v in model.state_dict().items()
+             if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+    grads = {p: p.grad for p in model.parameters()}
+    for p in grads:
+        p.grad = None  # backward would add into a held gradient in place
+    for shape in shapes:
+        x = torch.zeros(shape, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            out = model(x)
+        out.float().mean().backward()
+    for p, g in grads.items():
+        p.grad = g
+    model.load_state_dict(stats, strict=False)
 
 
 def prune_now(run: Run, state: TrainState, progress: float) -> None:
@@ -255,6 +359,7 @@ def prune_now(run: Run, state: TrainState, progress: float) -> None:
     payload = broadcast_from_main(payload, run.rt)
     if not run.rt.is_main:
         event = run.slimmer.follow(run.model, payload["event"], payload["ops"], progress)
+    to_layout(run.model, run.cfg, run.rt)  # layers sliced by the removal
     run.optimizer = rebuild_optimizer(run.optimizer, run.model)
     run.ddp_model = wrap_ddp(run.model, run.rt)
     state.prune_events.append(event.to_json())
@@ -507,13 +612,15 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
     """Model on its device, optimizer (restored on resume), loader over the plan, probe batches."""
     tc = cfg.train
     model.to(rt.device)
+    to_layout(model, cfg, rt)
     optimizer = make_optimizer(model, cfg)
     if saved is not None:
         tensors, saved_state = saved
         ckpt.load_optimizer_state(optimizer, model, tensors, saved_state["optimizer"])
     transform = TrainTransform(tuple(tc.crop), tuple(tc.scale_range),
                                jitter_follows_scale=tc.jitter_follows_scale)
-    data = PlannedDataset(train_ds, transform, seed=tc.seed, on_bad_sample=tc.on_bad_sample)
+    data = PlannedDataset(train_ds, transform, seed=tc.seed, on_bad_sample=tc.on_bad_sample,
+                          reduced_decode=tc.reduced_decode)
     sampler = BucketedBatchSampler(state.plan, tc.batch_size,
                                    tc.epochs, seed=tc.seed, rank=rt.rank,
                                    world_size=rt.world_size,
@@ -530,6 +637,7 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
                sampler=sampler, loader=loader, n_images=len(train_ds),
                ckpt_dir=out_dir / "checkpoint", slimmer=slimmer, probe=probe,
                show=progress and rt.is_main, meter=EnergyMeter(rt.device),
+               timer=PhaseTimer(rt.device if tc.profile else None),
                tb=_Tensorboard(out_dir / "tensorboard") if rt.is_main else None,
                fingerprint=fingerprint)
 
@@ -655,6 +763,8 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "device": str(rt.device),
         "world_size": rt.world_size,
         "phase_seconds": run.timer.to_json(),
+        "step_seconds_by_shape": {k: {"steps": n, "seconds": t, "ms_per_step": 1e3 * t / n}
+                                  for k, (n, t) in sorted(run.step_seconds.items())},
         "resumed": resumed,
         "forced_resume": state.forced_resume,
         "fingerprint": run.fingerprint,
