@@ -121,3 +121,28 @@ def test_jitter_that_follows_the_scale_is_weaker_on_downsampled_images():
     assert columns_seen(False, 0.5) == pytest.approx(32, abs=1)
     assert columns_seen(True, 0.5) == pytest.approx(32 * 4 / 3, abs=1)
     assert columns_seen(True, 1.0) == columns_seen(False, 1.0) == pytest.approx(32, abs=1)
+
+
+def test_the_mask_crop_equals_resizing_the_whole_mask_first():
+    """`crop_mask` gathers the crop's pixels straight from the stored mask: the same labels as
+    torchvision's nearest-exact resize of the whole mask, then pad, crop and flip."""
+    import numpy as np
+    from torchvision import tv_tensors
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+    rng = np.random.default_rng(0)
+    for t in range(300):
+        h, w = (int(v) for v in rng.integers(5, 400, 2))
+        mask = rng.integers(0, 250, (h, w)).astype(np.uint8)
+        crop = (int(rng.integers(8, 200)), int(rng.integers(8, 200)))
+        transform = TrainTransform(crop, scale_range=(0.3, 2.5))
+        d = transform.draw((h, w), float(rng.choice([0.25, 0.5, 0.75, 1.0])),
+                           torch.Generator().manual_seed(t))
+        m = tv_tensors.Mask(torch.from_numpy(mask)[None])
+        if list(m.shape[-2:]) != list(d.size):
+            m = F.resize(m, list(d.size), InterpolationMode.NEAREST_EXACT)
+        m = F.pad(m, [0, 0, d.pad[1], d.pad[0]], fill=255)
+        m = F.crop(m, d.top, d.left, *d.crop)
+        if d.flip:
+            m = F.horizontal_flip(m)
+        assert torch.equal(transform.crop_mask(mask, d), m.as_subclass(torch.Tensor)[0].long()), t

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 import torch
@@ -67,7 +68,10 @@ class PlannedDataset(torch.utils.data.Dataset):
             return drawn[0].decode_size if self.reduced_decode else stored_hw
 
         try:
-            image, mask = self.dataset.load(index, size_for=size_for)
+            image, raw = self.dataset.load(index, size_for=size_for, map_labels=False)
+            # raw values mapped to train ids on the crop's pixels only
+            x, y = self.transform.apply(image, raw, drawn[0],
+                                        map_mask=partial(np.take, self.dataset.lut))
         except DanceError as e:
             if self.on_bad_sample == "error":
                 if torch.utils.data.get_worker_info() is None:
@@ -81,7 +85,6 @@ class PlannedDataset(torch.utils.data.Dataset):
                 self._warned.add(sample_id)
                 print(f"warning: skipping bad sample {sample_id}: {e}", file=sys.stderr)
             return {"skipped": sample_id, "index": index, "scale": scale}
-        x, y = self.transform.apply(image, mask, drawn[0])
         return {"image": x, "mask": y, "index": index, "scale": scale}
 
 

@@ -12,6 +12,7 @@ All randomness is drawn from the ``generator`` passed in, so a sample is a pure 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,11 @@ def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, 
     img = torch.from_numpy(np.array(image, copy=True)) if isinstance(image, np.ndarray) else image
     msk = torch.from_numpy(np.array(mask, copy=True)) if isinstance(mask, np.ndarray) else mask
     return tv_tensors.Image(img.permute(2, 0, 1)), tv_tensors.Mask(msk[None])
+
+
+def _image_tensor(image: np.ndarray) -> tv_tensors.Image:
+    img = torch.from_numpy(np.array(image, copy=True)) if isinstance(image, np.ndarray) else image
+    return tv_tensors.Image(img.permute(2, 0, 1))
 
 
 def _finish(img: torch.Tensor, msk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,27 +128,58 @@ class TrainTransform:
                     left=math.floor(u[2] * (size[1] + pad_w - cw + 1)),
                     flip=u[3] < self.hflip)
 
-    def apply(self, image: np.ndarray, mask: np.ndarray, d: Draw
+    def apply(self, image: np.ndarray, mask: np.ndarray, d: Draw,
+              map_mask: Callable[[np.ndarray], np.ndarray] | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The transform of ``draw``'s choices: image and mask each resized to ``d.size`` from
-        whatever size they come at, padded, cropped, flipped."""
+        """The transform of ``draw``'s choices: the image resized to ``d.size`` from whatever
+        size it comes at, padded, cropped, flipped; the mask's crop taken by `crop_mask`
+        (``map_mask``: raw values -> train ids, applied to the crop's pixels only)."""
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image must be H x W x 3, got shape {tuple(image.shape)}")
-        img, msk = _to_tensors(image, mask)
+        img = _image_tensor(image)
         size = list(d.size)
         if list(img.shape[-2:]) != size:
             img = F.resize(img, size, InterpolationMode.BILINEAR, antialias=True)
-        if list(msk.shape[-2:]) != size:
-            msk = F.resize(msk, size, InterpolationMode.NEAREST_EXACT)
         pad_h, pad_w = d.pad
         if pad_h or pad_w:
             img = F.pad(img, [0, 0, pad_w, pad_h], fill=0)
-            msk = F.pad(msk, [0, 0, pad_w, pad_h], fill=self.ignore_index)
         ch, cw = d.crop
-        img, msk = F.crop(img, d.top, d.left, ch, cw), F.crop(msk, d.top, d.left, ch, cw)
+        img = F.crop(img, d.top, d.left, ch, cw)
         if d.flip:
-            img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
-        return _finish(img, msk)
+            img = F.horizontal_flip(img)
+        return (img.as_subclass(torch.Tensor).to(torch.float32).div_(255.0).contiguous(),
+                self.crop_mask(mask, d, map_mask))
+
+    def crop_mask(self, mask: np.ndarray, d: Draw,
+                  map_mask: Callable[[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
+        """``mask`` (at its stored size) nearest-resized to ``d.size``, padded with
+        ``ignore_index``, cropped and flipped as ``d`` says, as int64 ``h x w``: the pixels
+        of the crop are gathered straight from the mask with nearest-exact's source indices, the
+        same labels as resizing the whole mask first (tested), for the crop's pixels' cost."""
+        mask = np.asarray(mask)
+        ch, cw = d.crop
+        rows = _nearest_exact(mask.shape[0], d.size[0], d.top, ch)
+        cols = _nearest_exact(mask.shape[1], d.size[1], d.left, cw)
+        part = mask[np.ix_(rows, cols)]
+        if map_mask is not None:
+            part = map_mask(part)
+        out = np.full((ch, cw), self.ignore_index, dtype=np.int64)
+        out[:len(rows), :len(cols)] = part  # the padding is at the bottom and the right
+        if d.flip:
+            out = out[:, ::-1]
+        return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def _nearest_exact(stored: int, resized: int, start: int, length: int) -> np.ndarray:
+    """Source indices of resized positions ``start .. start + length`` (those inside
+    ``resized``) under torch's nearest-exact interpolation from ``stored`` to ``resized``
+    pixels: ``min(floor((i + 0.5) * scale), stored - 1)`` with torch's float32 scale."""
+    at = np.arange(start, min(start + length, resized))
+    if resized == stored:
+        return at
+    scale = np.float32(stored) / np.float32(resized)
+    src = np.floor(((at + 0.5) * np.float64(scale)).astype(np.float32)).astype(np.int64)
+    return np.minimum(src, stored - 1)
 
 
 class EvalTransform:
