@@ -130,3 +130,16 @@ def test_jpeg_is_decoded_at_the_dct_scale_the_sample_needs_with_exact_labels(tmp
     data.reduced_decode = False
     assert data[(0, 0.5, 2)]["image"].shape == (3, 64, 96)
     assert decoded[-1][0] == (256, 384)  # decoded whole
+
+
+def test_a_truncated_jpeg_is_a_one_line_error_naming_the_file(tmp_path):
+    from dance.data.io import read_image, read_image_at_least
+    path = tmp_path / "cut.jpg"
+    buf = __import__("io").BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[:200])
+    for read in (read_image, lambda p: read_image_at_least(p, lambda hw: (8, 8))):
+        with pytest.raises(DanceError, match=f"{path}: unreadable or truncated image"):
+            read(path)
+    with pytest.raises(DanceError, match="file not found"):
+        read_image(tmp_path / "absent.jpg")
