@@ -235,3 +235,20 @@ def test_converged_script_dry_run_takes_the_whole_path_on_the_cpu(tmp_path, caps
     report = json.loads((out / "compare" / "report.json").read_text())
     assert list(report["runs"]) == mod["RUNS"].split(",")
     assert "DANCE vs progressive" in capsys.readouterr().out
+
+
+def test_phases_script_prints_every_runs_phases_and_ratios(tmp_path, capsys):
+    from dance.data.synth import generate_synthstreets
+    from tiny import TINY  # the tiny recipe of test_train
+    root = tmp_path / "synth"
+    generate_synthstreets(root, train=16, val=2, size=(64, 128), seed=0, progress=False)
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "phases.py"))
+    out = tmp_path / "phases"
+    assert mod["main"](["--data", str(root), "--runs", "baseline,uniform", "--out", str(out),
+                        *TINY, "train.workers=0"]) == 0
+    text = capsys.readouterr().out
+    assert "| baseline |" in text and "| uniform |" in text and "64x128" in text
+    saved = json.loads((out / "phases.json").read_text())
+    assert saved["baseline"]["total_cost"] == 1.0
+    assert saved["uniform"]["total_cost"] == pytest.approx(0.5, abs=0.03)
+    assert {"forward", "backward", "optimizer"} <= set(saved["uniform"]["phase_seconds"])

@@ -34,8 +34,8 @@ class PlannedDataset(torch.utils.data.Dataset):
     instead (warned once per process on stderr), which `collate_planned` drops and reports, so
     the id reaches the trainer even from a worker process.
 
-    ``reduced_decode``: a JPEG image is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 of its
-    size that covers the sample's `Draw.decode_size` (the plan's scale, or the augmentation's
+    ``reduced_decode``: a JPEG image is decoded at the smallest DCT scale (eighths) that
+    covers the sample's `Draw.decode_size` (the plan's scale, or the augmentation's
     zoom-out below it); the mask is always decoded whole and nearest-resized, so labels are
     exactly those of the full-resolution path (docs/method.md#data-policy).
     """

@@ -65,7 +65,7 @@ class TrainConfig(_Strict):
     # CPU threads of this run's math (torch.set_num_threads); null keeps torch's default.
     # Small models on few cores often train faster on one thread (BENCHMARKS.md, "Threads")
     threads: int | None = Field(None, ge=1)
-    # JPEG images decoded at the smallest DCT scale (1/2, 1/4, 1/8) that covers the plan's scale
+    # JPEG images decoded at the smallest DCT scale (eighths) that covers the plan's scale
     # (libjpeg's scaled decoding): a scale-0.5 sample decodes a quarter of the pixels. Masks are
     # always decoded whole, so labels are exact. PNG and other formats are decoded whole
     reduced_decode: bool = True
