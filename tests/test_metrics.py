@@ -74,7 +74,9 @@ def _rank(rank: int, init_file: str, queue) -> None:
     cm = ConfusionMatrix(C)
     cm.update(*random_batch(rank + 1, n=2 + rank))
     cm.all_reduce()
-    queue.put((rank, cm.matrix))
+    # plain numbers: a tensor would travel by a file descriptor that its sender, exiting right
+    # after, may take with it before the parent has read it (ConnectionResetError)
+    queue.put((rank, cm.matrix.tolist()))
     torch.distributed.destroy_process_group()
 
 
@@ -85,7 +87,8 @@ def test_all_reduce_sums_the_ranks_matrices(tmp_path):
     procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "init"), queue)) for r in (0, 1)]
     for p in procs:
         p.start()
-    results = dict(queue.get(timeout=60) for _ in procs)
+    results = {r: torch.tensor(m, dtype=torch.int64) for r, m in
+               (queue.get(timeout=60) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
