@@ -237,6 +237,7 @@ def test_converged_script_dry_run_takes_the_whole_path_on_the_cpu(tmp_path, caps
     assert "DANCE vs progressive" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_phases_script_prints_every_runs_phases_and_ratios(tmp_path, capsys):
     from dance.data.synth import generate_synthstreets
     from tiny import TINY  # the tiny recipe of test_train

@@ -174,6 +174,7 @@ def test_verdicts_say_whether_dance_beat_each_alternative_beyond_the_spread():
     assert all("one seed" in line for line in verdicts(report))
 
 
+@pytest.mark.slow  # the converged script's dry run (slow) takes this path too
 def test_saturation_trains_the_plain_recipe_at_half_once_and_twice_its_epochs(compared, capsys):
     out, root = compared
     cfg = json.loads((out / "runs" / "baseline" / "metrics.json").read_text())["fingerprint"]
