@@ -53,13 +53,14 @@ def _read_jpeg(path: str | os.PathLike,
     except ImportError:  # a broken install: Pillow reads JPEGs too, only slower
         return None
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            if f.read(2) != b"\xff\xd8":  # not a JPEG: Pillow reads it, the rest unread here
+                return None
+            data = b"\xff\xd8" + f.read()
     except FileNotFoundError:
         raise DanceError(f"{path}: file not found") from None
     except OSError as e:
         raise DanceError(f"{path}: unreadable image ({e})") from None
-    if data[:2] != b"\xff\xd8":
-        return None
     try:
         h, w, space, _ = simplejpeg.decode_jpeg_header(data)
         if space not in _SIMPLEJPEG_SPACES:
