@@ -32,9 +32,13 @@ def scaled_crop(crop: tuple[int, int], scale: float, multiple: int = 8) -> tuple
     return tuple(max(multiple, round(c * scale / multiple) * multiple) for c in crop)
 
 
-def _check_shapes(image, mask) -> None:
+def _check_image(image) -> None:
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image must be H x W x 3, got shape {tuple(image.shape)}")
+
+
+def _check_shapes(image, mask) -> None:
+    _check_image(image)
     if tuple(mask.shape) != tuple(image.shape[:2]):
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from image "
                          f"{tuple(image.shape[:2])}")
@@ -42,21 +46,24 @@ def _check_shapes(image, mask) -> None:
 
 def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
     """HxWx3 uint8 and HxW uint8 numpy arrays (or tensors) as uint8 3xHxW / 1xHxW tv_tensors."""
-    # decoded arrays are read-only views of PIL's buffer; torch wants writable memory
-    img = torch.from_numpy(np.array(image, copy=True)) if isinstance(image, np.ndarray) else image
     msk = torch.from_numpy(np.array(mask, copy=True)) if isinstance(mask, np.ndarray) else mask
-    return tv_tensors.Image(img.permute(2, 0, 1)), tv_tensors.Mask(msk[None])
+    return _image_tensor(image), tv_tensors.Mask(msk[None])
 
 
 def _image_tensor(image: np.ndarray) -> tv_tensors.Image:
+    # decoded arrays are read-only views of PIL's buffer; torch wants writable memory
     img = torch.from_numpy(np.array(image, copy=True)) if isinstance(image, np.ndarray) else image
     return tv_tensors.Image(img.permute(2, 0, 1))
 
 
+def _float_image(img: torch.Tensor) -> torch.Tensor:
+    """uint8 3xHxW -> float32 [0, 1] (a plain tensor)."""
+    return img.as_subclass(torch.Tensor).to(torch.float32).div_(255.0).contiguous()
+
+
 def _finish(img: torch.Tensor, msk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 3xHxW -> float32 [0, 1]; 1xHxW mask -> int64 HxW (plain tensors)."""
-    return (img.as_subclass(torch.Tensor).to(torch.float32).div_(255.0).contiguous(),
-            msk.as_subclass(torch.Tensor)[0].to(torch.int64))
+    return _float_image(img), msk.as_subclass(torch.Tensor)[0].to(torch.int64)
 
 
 @dataclass(frozen=True)
@@ -134,8 +141,7 @@ class TrainTransform:
         """The transform of ``draw``'s choices: the image resized to ``d.size`` from whatever
         size it comes at, padded, cropped, flipped; the mask's crop taken by `crop_mask`
         (``map_mask``: raw values -> train ids, applied to the crop's pixels only)."""
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image must be H x W x 3, got shape {tuple(image.shape)}")
+        _check_image(image)
         img = _image_tensor(image)
         size = list(d.size)
         if list(img.shape[-2:]) != size:
@@ -147,8 +153,7 @@ class TrainTransform:
         img = F.crop(img, d.top, d.left, ch, cw)
         if d.flip:
             img = F.horizontal_flip(img)
-        return (img.as_subclass(torch.Tensor).to(torch.float32).div_(255.0).contiguous(),
-                self.crop_mask(mask, d, map_mask))
+        return _float_image(img), self.crop_mask(mask, d, map_mask)
 
     def crop_mask(self, mask: np.ndarray, d: Draw,
                   map_mask: Callable[[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
