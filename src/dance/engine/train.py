@@ -275,7 +275,7 @@ class _StepLog:
 
 
 def optimizer_step(run: Run, batch: dict, weights: torch.Tensor, mean_scale: float
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward, weighted loss (+ the slimmer's sparsity term), backward, update; returns the
     data loss, the whole loss (sparsity term included) and the per-image losses, on the
     device."""
