@@ -70,3 +70,69 @@ def test_the_demo_config_file_is_the_demos_recipe():
     embedded = config_from_dict({**DEMO_CONFIG, "dataset": {**DEMO_CONFIG["dataset"],
                                                             "root": "dance-demo/synthstreets"}})
     assert from_file == embedded.to_dict()
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]")
+    return "\n".join(lines)
+
+
+# Each of these was an internal error, a traceback from numpy or torch far into the run, or an
+# error line of exponential length before they were checked on load
+@pytest.mark.parametrize("text, needle", [
+    ("base: null\n", "base: expected a config file name"),
+    ("base: 7\n", "base: expected a config file name"),
+    ("base: [sub]\n", "is a folder, not a config file"),
+    ("base: [latin1.yaml]\n", "latin1.yaml: not UTF-8 text"),
+    ("base: [[a, b]]\n", "base: expected a config file name"),
+    ("train: {seed: -1}\n", "train.seed"),
+    ("train: {seed: 4294967296}\n", "train.seed"),
+    ("train: {scale_range: [2.0, 0.5]}\n", "train.scale_range"),
+    ("train: {scale_range: [0, 1]}\n", "train.scale_range"),
+    ("train: {scale_range: [0.5, 1000]}\n", "train.scale_range"),
+    ("train: {crop: [64, 1000000]}\n", "train.crop"),
+    ("train: {workers: 100000}\n", "train.workers"),
+    ("train: {device: 'cuda:x'}\n", "train.device"),
+    ("train: {lr: .inf}\n", "train.lr"),
+    ("train: {epochs: 2, epochs: 3}\n", "found the key 'epochs' twice"),
+    ("model: {options: {width_mult: -2}}\n", "option 'width_mult'"),
+    ("model: {options: {aspp_channels: 100000000}}\n", "option 'aspp_channels'"),
+    ("model: {options: {atrous_rates: [6, foo]}}\n", "option 'atrous_rates'"),
+    ("dataset: {root: \"a\\0b\"}\n", "dataset.root"),
+    ("train: {epoch: 3}\n", "did you mean 'train.epochs'"),
+    ("train: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+    (_alias_bomb() + "\ntrain: {crop: *a8}\n", "alias bomb"),
+])
+def test_hostile_configs_are_one_short_line_naming_the_key_or_file(tmp_path, capsys, text,
+                                                                   needle):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "latin1.yaml").write_bytes("train: {epochs: 2}  # caf\xe9\n".encode("latin-1"))
+    f = write(tmp_path / "c.yaml", text)
+    with pytest.raises(DanceError, match=None):  # on load, not somewhere in the run
+        load_config(f)
+    rc = main(["train", "--config", str(f), "--out", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, lines
+    assert needle in lines[0] and "internal error" not in lines[0]
+    assert len(lines[0]) < 400
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_alias_bomb_in_an_override_is_refused_too():
+    from dance.engine.config import parse_override
+    bomb = "{" + ", ".join(f"k{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 9 if i else ["1"] * 9)
+                           + "]" for i in range(9)) + "}"
+    with pytest.raises(DanceError, match="more than 100,000 values"):
+        parse_override(f"model.options={bomb}")
+
+
+def test_model_options_are_checked_against_the_builder_on_load():
+    from dance.network.registry import check_options
+    assert check_options("deeplabv3plus_mbv2", {"width_mult": 0.5, "atrous_rates": [2, 4]}) is None
+    assert "has no option 'widht_mult'" in check_options("deeplabv3plus_mbv2", {"widht_mult": 1})
+    assert "must be a number" in check_options("deeplabv3plus_mbv2", {"dropout": "high"})
+    assert "must be a number" in check_options("pspnet_r18", {"ppm_channels": True})
+    assert check_options("pspnet_r18", {"bin_channels": None}) is None
+    assert "must not be null" in check_options("pspnet_r18", {"ppm_channels": None})

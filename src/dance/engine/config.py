@@ -8,20 +8,37 @@ that name the key, before any work starts.
 from __future__ import annotations
 
 import copy
+import difflib
 import math
+import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dance.data.complexity import INDICATORS
 from dance.data.datasets import DATASETS, SPLITS
 from dance.errors import DanceError
 
+# Upper bounds that no real run reaches but that stop a typo (an extra zero, a negative sign)
+# before it allocates the machine away
+MAX_CROP_SIDE = 16384
+MAX_WORKERS = 256
+MAX_SCALE = 8.0
+MAX_CONFIG_VALUES = 100_000  # values of one config file once YAML aliases are expanded
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are never a valid setting (lr: .inf would pass "> 0")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _path_text(v: str | None) -> str | None:
+    if v is not None and "\0" in v:
+        raise ValueError("a path cannot contain a NUL character")
+    return v
 
 
 class DatasetConfig(_Strict):
@@ -29,6 +46,11 @@ class DatasetConfig(_Strict):
     root: str = "data/synth"
     train_split: Literal[SPLITS] = "train"
     val_split: Literal[SPLITS] = "val"
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        return _path_text(v)
 
 
 class ModelConfig(_Strict):
@@ -44,10 +66,23 @@ class ModelConfig(_Strict):
             raise ValueError(f"unknown model {v!r}; choose one of {', '.join(list_models())}")
         return v
 
+    @field_validator("pretrained_backbone")
+    @classmethod
+    def _pretrained(cls, v: str | None) -> str | None:
+        return _path_text(v)
+
+    @model_validator(mode="after")
+    def _options(self):
+        from dance.network.registry import check_options
+        problem = check_options(self.name, self.options)
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
 
 class TrainConfig(_Strict):
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(4, ge=1, le=1_000_000)
+    batch_size: int = Field(8, ge=1, le=1_000_000)
     crop: tuple[int, int] = (128, 256)
     scale_range: tuple[float, float] = (0.5, 2.0)  # random-scale augmentation
     jitter_follows_scale: bool = False  # at data-plan scale s, the range shrinks towards 1 by s
@@ -58,13 +93,13 @@ class TrainConfig(_Strict):
     optimizer: Literal["sgd", "adamw"] = "sgd"  # adamw: betas (0.9, 0.999), decoupled decay
     lr_schedule: Literal["poly", "cosine", "linear"] = "poly"  # decay to 0 over the run
     warmup_fraction: float = Field(0.0, ge=0, lt=0.5)  # linear warm-up share of the run's steps
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    workers: int = Field(2, ge=0)
+    workers: int = Field(2, ge=0, le=MAX_WORKERS)
     # CPU threads of this run's math (torch.set_num_threads); null keeps torch's default.
     # Small models on few cores often train faster on one thread (BENCHMARKS.md, "Threads")
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=4096)
     # JPEG images decoded at the smallest DCT scale (eighths) that covers the plan's scale
     # (libjpeg's scaled decoding): a scale-0.5 sample decodes a quarter of the pixels. Masks are
     # always decoded whole, so labels are exact. PNG and other formats are decoded whole
@@ -91,12 +126,23 @@ class TrainConfig(_Strict):
     def _crop(cls, v):
         if v is not None and (v[0] < 8 or v[1] < 8):
             raise ValueError(f"crop must be at least 8x8, got {list(v)}")
+        if v is not None and max(v) > MAX_CROP_SIDE:
+            raise ValueError(f"crop sides must be at most {MAX_CROP_SIDE}, got {list(v)}")
+        return v
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range(cls, v):
+        lo, hi = v
+        if not 0 < lo <= hi <= MAX_SCALE:
+            raise ValueError(f"scale_range must be [low, high] with 0 < low <= high <= "
+                             f"{MAX_SCALE:g}, got {list(v)}")
         return v
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+        if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", v):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
         return v
 
@@ -202,20 +248,87 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML would keep the
+    last one silently, so a config could say ``epochs`` twice and mean either)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found the key {key!r} twice in one mapping", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _too_many_values(obj: Any, limit: int) -> bool:
+    """True when ``obj`` holds more than ``limit`` values counted as expanded (an alias used
+    twice counts twice): what its dump or validation would walk. Stops at ``limit``."""
+    count, stack = 0, [obj]
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return False
+
+
+def _load_yaml_text(path: Path) -> Any:
+    """One YAML file's content; every way it can fail is one DanceError line naming it."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DanceError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise DanceError(f"{path}: is a folder, not a config file") from None
+    except OSError as e:
+        raise DanceError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DanceError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start}); a config is a YAML text file") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or first
+        raise DanceError(f"{path}: invalid YAML{where} ({problem})") from None
+    except RecursionError:
+        raise DanceError(f"{path}: invalid YAML (nested too deeply)") from None
+    if _too_many_values(data, MAX_CONFIG_VALUES):
+        raise DanceError(f"{path}: more than {MAX_CONFIG_VALUES:,} values once YAML aliases are "
+                         "expanded; a config is a few dozen settings (an alias bomb?)")
+    return data
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise DanceError(f"{path}: config bases form a cycle")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise DanceError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise DanceError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    data = _load_yaml_text(path)
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise DanceError(f"{path}: a config must be a mapping of sections")
+        raise DanceError(f"{path}: a config must be a mapping of sections, got "
+                         f"{type(data).__name__}")
     bases = data.pop("base", [])
     bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise DanceError(f"{path}: base: expected a config file name or a list of them, got "
+                         f"{_short(data.get('base', bases))}")
     merged: dict = {}
     for b in bases:
         merged = _merge(merged, _read_yaml(path.parent / b, seen + (path,)))
@@ -230,9 +343,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(parts) < 2 or not all(parts):
         raise DanceError(f"override {text!r}: key must be dotted, like train.epochs")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+        parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
+    except (yaml.YAMLError, RecursionError):
         parsed = value
+    if _too_many_values(parsed, MAX_CONFIG_VALUES):
+        raise DanceError(f"override {key.strip()}: more than {MAX_CONFIG_VALUES:,} values once "
+                         "YAML aliases are expanded")
     return parts, parsed
 
 
@@ -249,13 +365,40 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 60, 60, 6, 6, 2
+
+
+def _short(value: Any) -> str:
+    """A value as it is quoted in a one-line error: at most about 80 characters, whatever its
+    size (a YAML alias bomb under a key stays a short line)."""
+    text = _REPR.repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _section_keys(loc: tuple) -> list[str]:
+    """The valid keys of the section an unknown key ``loc`` sits in (for a suggestion)."""
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = getattr(field, "annotation", None)
+    fields = getattr(model, "model_fields", None) or {}
+    return [f.alias or name for name, f in fields.items()]
+
+
 def _format_error(source: str, err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        return f"{source}: unknown key {loc!r}"
+        close = difflib.get_close_matches(str(e["loc"][-1]), _section_keys(e["loc"]), n=1)
+        hint = f" (did you mean {'.'.join([*map(str, e['loc'][:-1]), close[0]])!r}?)" if close else ""
+        return f"{source}: unknown key {loc!r}{hint}"
     msg = e["msg"].removeprefix("Value error, ")
-    return f"{source}: {loc}: {msg} (got {e.get('input')!r})"
+    if len(msg) > 200:
+        msg = msg[:197] + "..."
+    if "got " in msg:  # the validator quoted the value itself
+        return f"{source}: {loc}: {msg}"
+    return f"{source}: {loc}: {msg} (got {_short(e.get('input'))})"
 
 
 def config_from_dict(data: dict, source: str = "config") -> RunConfig:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,55 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+MAX_CHANNELS = 16384  # no segmentation head is wider; a typo's extra zeros stop here
+MAX_CLASSES = 65536
+
+
+def _option_problem(value: Any, annotation: str, default: Any) -> str | None:
+    """Why ``value`` cannot be a builder option annotated ``annotation`` (a string, as the
+    builders use postponed annotations), or None. Integers are counts (channels, blocks, rates,
+    bins): 1 to MAX_CHANNELS; floats are rates or multipliers: finite, 0 to 16; sequences hold
+    1 to 16 such integers."""
+    if value is None:
+        return None if "None" in annotation or default is None else "must not be null"
+    if "Sequence[int]" in annotation or isinstance(default, (tuple, list)):
+        if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 16:
+            return "must be a list of 1 to 16 integers"
+        problems = [_option_problem(v, "int", 1) for v in value]
+        return next((f"item {i}: {p}" for i, p in enumerate(problems) if p), None)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number, got {type(value).__name__}"
+    if annotation.startswith("float") or isinstance(default, float):
+        if not (math.isfinite(value) and 0 <= value <= 16):
+            return f"must be a finite number from 0 to 16, got {value!r}"
+        return None
+    if not isinstance(value, int) or not 1 <= value <= MAX_CHANNELS:
+        return f"must be an integer from 1 to {MAX_CHANNELS}, got {value!r}"
+    return None
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> str | None:
+    """Why model ``name`` cannot be built with ``options`` (the first option its builder has
+    not, or whose value it cannot take), as a sentence naming model and option; None when all
+    are fine. What a config and a checkpoint's architecture are checked with before any model
+    is built."""
+    _load_all()
+    if name not in _REGISTRY:
+        return f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))}"
+    params = inspect.signature(_REGISTRY[name]).parameters
+    for key, value in options.items():
+        p = params.get(key)
+        if p is None or key in ("num_classes", "pretrained_backbone") \
+                or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            known = sorted(set(params) - {"num_classes", "pretrained_backbone"})
+            return (f"model {name!r} has no option {key!r}; its options are "
+                    f"{', '.join(known) or 'none'}")
+        problem = _option_problem(value, str(p.annotation), p.default)
+        if problem:
+            return f"model {name!r} option {key!r} {problem}"
+    return None
+
+
 def build_model(name: str, num_classes: int, pretrained_backbone: str | None = None,
                 **kwargs) -> nn.Module:
     """Build a registered model. It takes RGB floats in [0, 1], shaped (N, 3, H, W), normalises
@@ -148,16 +198,19 @@ def build_model(name: str, num_classes: int, pretrained_backbone: str | None = N
     _load_all()
     if name not in _REGISTRY:
         raise DanceError(f"unknown model {name!r}; choose one of {', '.join(sorted(_REGISTRY))}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise DanceError(f"num_classes must be a positive integer, got {num_classes!r}")
-    builder = _REGISTRY[name]
-    params = inspect.signature(builder).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        unknown = sorted(set(kwargs) - set(params))
-        if unknown:
-            options = sorted(set(params) - {"num_classes", "pretrained_backbone"})
-            raise DanceError(f"model {name!r} has no option {unknown[0]!r}; "
-                             f"its options are {', '.join(options) or 'none'}")
-    model = builder(num_classes=num_classes, pretrained_backbone=pretrained_backbone, **kwargs)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) \
+            or not 1 <= num_classes <= MAX_CLASSES:
+        raise DanceError(f"num_classes must be an integer from 1 to {MAX_CLASSES}, "
+                         f"got {num_classes!r}")
+    problem = check_options(name, kwargs)
+    if problem is not None:
+        raise DanceError(problem)
+    try:
+        model = _REGISTRY[name](num_classes=num_classes, pretrained_backbone=pretrained_backbone,
+                                **kwargs)
+    except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DanceError(f"model {name!r} cannot be built with options {kwargs} ({first})") \
+            from None
     model.dance_arch = Architecture(name, num_classes, dict(kwargs))
     return model
