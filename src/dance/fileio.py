@@ -8,22 +8,75 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dance.errors import WriteError
+from dance.faults import fault_point
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the renames and new files of ``folder`` durable (a power cut after a rename could
+    otherwise lose it). A file system without directory fsync is left as it is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_file_synced(path: str | os.PathLike, data: bytes) -> None:
+    """Write a new file and fsync it (the caller swaps its folder in, see checkpoints). A failed
+    write is a WriteError naming the file."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(f"{path}: cannot write ({e.strerror or e})", e.errno, str(path),
+                         e.strerror) from None
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    """Write ``data`` to ``path`` through a fsynced temp file in the same folder and a rename,
+    so ``path`` is either its old self or complete. A failed write (disk full, read-only) is a
+    WriteError naming ``path``; the temp file is removed and the old ``path`` is left intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("atomic-write")
         os.replace(tmp, path)
+        tmp = None
+        fsync_dir(path.parent)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        if isinstance(e, WriteError):
+            raise
+        kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written"
+        raise WriteError(f"{path}: cannot write ({e.strerror or e}); {kept}", e.errno,
+                         str(path), e.strerror) from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink_quietly(tmp)
         raise
+
+
+def _unlink_quietly(path: str | None) -> None:
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

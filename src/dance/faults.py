@@ -1,0 +1,36 @@
+"""Named fault points, where the fault-injection tests stop the process (RELIABILITY.md).
+
+Off unless a test sets ``DANCE_FAULT_AT`` to ``NAME`` or ``NAME:K`` (the K-th time this process
+reaches NAME, from 1). ``DANCE_FAULT_ACTION`` says what happens there: ``kill`` (default: SIGKILL
+to itself, as ``kill -9`` or the OOM killer would) or ``interrupt`` (SIGINT to its whole process
+group, as Ctrl-C in a terminal does). With ``DANCE_FAULT_LOG`` set, every point reached is
+appended to that file (one ``NAME K`` line), so a test can list the points of a run and pick some.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+_hits: Counter = Counter()
+_fired = False
+
+
+def fault_point(name: str) -> None:
+    """Test-only: stop here when ``DANCE_FAULT_AT`` names this point (module docstring)."""
+    global _fired
+    at, log = os.environ.get("DANCE_FAULT_AT"), os.environ.get("DANCE_FAULT_LOG")
+    if at is None and log is None:
+        return
+    _hits[name] += 1
+    k = _hits[name]
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{name} {k}\n")
+    if _fired or at not in (name, f"{name}:{k}"):
+        return
+    _fired = True  # once per process: unwinding from an interrupt may pass here again
+    if os.environ.get("DANCE_FAULT_ACTION", "kill") == "interrupt":
+        os.killpg(os.getpgrp(), signal.SIGINT)
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
