@@ -8,24 +8,31 @@ slimmer, the per-image hardness and the running cost totals.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from dance.engine.run_folder import fault_point
 from dance.engine.runtime import unwrap_model
-from dance.errors import DanceError
-from dance.fileio import atomic_write_json
-from dance.network.registry import Architecture, architecture
+from dance.errors import DanceError, WriteError
+from dance.faults import fault_point
+from dance.fileio import atomic_write_json, fsync_dir, write_file_synced
+from dance.network.registry import Architecture, architecture, check_options
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.json"
+CHECKPOINT = "checkpoint"  # the folder's name inside a run folder
+# state.json's "integrity": the SHA-256 of the weights file and of the rest of state.json, so a
+# truncated, bit-flipped or hand-edited checkpoint is an error naming the file, never a silent load
+INTEGRITY = "integrity"
 
 
 def _complete(folder: Path) -> bool:
@@ -33,14 +40,29 @@ def _complete(folder: Path) -> bool:
     return (folder / STATE_FILE).is_file() and (folder / MODEL_FILE).is_file()
 
 
+def _real(folder: Path) -> Path:
+    """A checkpoint folder that is a symlink (to a bigger disk, say) is written where it points,
+    so the link stays valid across swaps."""
+    return Path(os.path.realpath(folder)) if folder.is_symlink() else folder
+
+
+def _generations(folder: Path) -> list[Path]:
+    """A checkpoint folder's name with its swap siblings, newest first: a complete ``.new`` (a
+    kill during the swap left it), the folder, a ``.old`` (a kill between the two renames)."""
+    folder = _real(folder)
+    return [folder.with_name(folder.name + ".new"), folder,
+            folder.with_name(folder.name + ".old")]
+
+
 def find_checkpoint(path: str | Path) -> Path | None:
-    """The complete checkpoint folder of a run folder or checkpoint folder, or None. A complete
-    ``checkpoint.new`` (a kill during the swap left it) is newer than the others."""
-    p = Path(path)
-    cands = [p, p / "checkpoint.new", p / "checkpoint", p.with_name(p.name + ".old"),
-             p / "checkpoint.old"]
-    if p.name == "checkpoint":
-        cands.insert(0, p.with_name("checkpoint.new"))
+    """The complete checkpoint folder of a run folder or checkpoint folder, or None. Only the
+    run's own ``checkpoint``, ``checkpoint.new`` and ``checkpoint.old`` are looked at: never a
+    sibling of the run folder."""
+    p = Path(os.path.abspath(path))  # "." inside a checkpoint folder has a name
+    if p.name == CHECKPOINT:
+        cands = _generations(p)
+    else:
+        cands = [p, *_generations(p / CHECKPOINT)]
     return next((cand for cand in cands if _complete(cand)), None)
 
 
@@ -55,10 +77,45 @@ def _checkpoint_dir(path: str | Path) -> Path:
     raise DanceError(f"{p}: not a run or checkpoint folder (no {MODEL_FILE} + {STATE_FILE})")
 
 
+def _remove(path: Path) -> None:
+    """Delete a file, a symlink (not what it points to) or a folder tree, if it is there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """Every random generator a resumed run must continue: the CPU's, and each CUDA device's
+    once CUDA is in use (dropout and random crops on the GPU draw from those)."""
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, st in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = st
+    return tensors
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Put back what ``rng_tensors`` saved. A checkpoint from another number of GPUs restores
+    the devices both have."""
+    torch.set_rng_state(tensors["rng/torch"])
+    cuda = sorted((int(k.rsplit("/", 1)[1]), v) for k, v in tensors.items()
+                  if k.startswith("rng/cuda/"))
+    if cuda and torch.cuda.is_available():
+        for i, st in cuda[:torch.cuda.device_count()]:
+            torch.cuda.set_rng_state(st, i)
+
+
 def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
                     optimizer: torch.optim.Optimizer | None = None) -> Path:
-    """Write ``folder`` (e.g. ``run/checkpoint``) atomically as a whole."""
-    folder = Path(folder)
+    """Write ``folder`` (e.g. ``run/checkpoint``) atomically as a whole: into ``folder.new``,
+    every file and the folder fsynced, then swapped in (``finish_swap``). A failed write (disk
+    full) is a one-line WriteError naming the file, and the previous checkpoint is untouched."""
+    folder = _real(Path(folder))
     model = unwrap_model(model)
     tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = dict(state)
@@ -67,34 +124,54 @@ def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
         opt_tensors, opt_state = _optimizer_to_flat(optimizer, model)
         tensors.update(opt_tensors)
         state["optimizer"] = opt_state
-    tensors["rng/torch"] = torch.get_rng_state()
+    tensors.update(rng_tensors())
+    blob = save_safetensors(tensors, metadata={"format": "dance-checkpoint"})
+    state = json.loads(json.dumps(state))  # as it will read back (tuples as lists)
+    state[INTEGRITY] = {MODEL_FILE: hashlib.sha256(blob).hexdigest(),
+                        STATE_FILE: hashlib.sha256(_canonical(state)).hexdigest()}
     tmp = folder.with_name(folder.name + ".new")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "dance-checkpoint"})
-    atomic_write_json(tmp / STATE_FILE, state)
+    try:
+        _remove(tmp)
+        tmp.mkdir(parents=True)
+        write_file_synced(tmp / MODEL_FILE, blob)
+        fault_point("checkpoint-weights")
+        atomic_write_json(tmp / STATE_FILE, state)
+        fsync_dir(tmp)
+    except OSError as e:
+        try:
+            _remove(tmp)
+        except OSError:
+            pass
+        intact = (f"the previous checkpoint {folder} is intact" if _complete(folder)
+                  else "no earlier checkpoint was there")
+        where = e.filename or tmp
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise WriteError(f"{where}: cannot write the checkpoint ({reason}); {intact}", e.errno,
+                         str(where), str(reason)) from None
     fault_point("checkpoint-written")
     return finish_swap(folder)
 
 
 def finish_swap(folder: str | Path) -> Path:
     """Swap a complete ``folder.new`` in for ``folder`` (keeping the previous one as
-    ``folder.old`` until the new one is in place). Resume calls it too, to finish a swap a kill
-    interrupted; without a complete ``.new`` it changes nothing."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".new")
-    old = folder.with_name(folder.name + ".old")
+    ``folder.old`` until the new one is in place), each rename fsynced. Resume calls it too, to
+    finish a swap a kill interrupted; without a complete ``.new`` it only clears what a kill
+    left beside a complete ``folder``."""
+    folder = _real(Path(folder))
+    tmp, _, old = _generations(folder)
     if not _complete(tmp):
+        if _complete(folder):  # a swap killed before its clean-up, or a .new cut short
+            _remove(old)
+            _remove(tmp)
         return folder
     if folder.exists():
-        if old.exists():
-            shutil.rmtree(old)
+        _remove(old)
         folder.rename(old)
     fault_point("checkpoint-swap")
     tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
+    fsync_dir(folder.parent)
+    fault_point("checkpoint-swapped")
+    _remove(old)
     return folder
 
 
@@ -133,29 +210,66 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
 
 
 def read_state(path: str | Path) -> tuple[dict, Path]:
-    """``state.json`` of a run or checkpoint folder, without loading the weights."""
+    """``state.json`` of a run or checkpoint folder, its checksum verified, without loading the
+    weights. Every way it can be damaged is one DanceError naming it."""
     folder = _checkpoint_dir(path)
+    file = folder / STATE_FILE
     try:
-        return json.loads((folder / STATE_FILE).read_text()), folder
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DanceError(f"{folder / STATE_FILE}: corrupt checkpoint state ({e})") from None
+        state = json.loads(file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise DanceError(f"{file}: corrupt checkpoint state ({str(e)[:120]})") from None
+    except OSError as e:
+        raise DanceError(f"{file}: cannot read the checkpoint state ({e.strerror})") from None
+    digests = state.pop(INTEGRITY, None) if isinstance(state, dict) else None
+    if not isinstance(digests, dict) or not all(
+            isinstance(digests.get(k), str) for k in (MODEL_FILE, STATE_FILE)):
+        raise DanceError(f"{file}: not a dance checkpoint, or one without checksums (damaged, "
+                         "or written by dance before 0.2)")
+    if hashlib.sha256(_canonical(state)).hexdigest() != digests[STATE_FILE]:
+        raise DanceError(f"{file}: checksum mismatch: the checkpoint state was damaged or "
+                         "edited after it was written")
+    state[INTEGRITY] = digests
+    return state, folder
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """The tensors and state of a run or checkpoint folder, both checksums verified and the
+    architecture checked, so what reaches the model builder is what was saved."""
     state, folder = read_state(path)
+    file = folder / MODEL_FILE
     try:
-        tensors = load_file(str(folder / MODEL_FILE))
-    except (SafetensorError, OSError) as e:
-        raise DanceError(f"{folder / MODEL_FILE}: corrupt checkpoint weights ({e})") from None
+        blob = file.read_bytes()
+    except OSError as e:
+        raise DanceError(f"{file}: cannot read the checkpoint weights ({e.strerror})") from None
+    if hashlib.sha256(blob).hexdigest() != state[INTEGRITY][MODEL_FILE]:
+        raise DanceError(f"{file}: checksum mismatch: the weights file is truncated or damaged "
+                         f"({len(blob):,} bytes)")
+    try:
+        tensors = load_safetensors(blob)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DanceError(f"{file}: corrupt checkpoint weights ({e})") from None
+    source = str(folder / STATE_FILE)
     if "arch" not in state:
-        raise DanceError(f"{folder / STATE_FILE}: not a dance checkpoint (no architecture)")
-    Architecture.from_json(state["arch"], str(folder / STATE_FILE))  # malformed: one line
+        raise DanceError(f"{source}: not a dance checkpoint (no architecture)")
+    arch = Architecture.from_json(state["arch"], source)  # malformed: one line
+    problem = check_options(arch.name, arch.kwargs)
+    if problem is not None:
+        raise DanceError(f"{source}: architecture: {problem}")
+    if "rng/torch" not in tensors:
+        raise DanceError(f"{file}: not a dance checkpoint (no random-generator state)")
     return tensors, state, folder
 
 
-def build_from_arch(arch: dict) -> nn.Module:
-    """Rebuild the (slimmed) architecture a checkpoint describes, untrained."""
-    return Architecture.from_json(arch).build()
+def build_from_arch(arch: dict, source: str = "architecture") -> nn.Module:
+    """Rebuild the (slimmed) architecture a checkpoint describes, untrained; one that does not
+    build (a removal naming a layer or channel the model has not) is a DanceError naming
+    ``source``."""
+    try:
+        return Architecture.from_json(arch, source).build()
+    except DanceError as e:
+        text = str(e)
+        raise DanceError(text if text.startswith(source) else
+                         f"{source}: the architecture does not rebuild ({text})") from None
 
 
 def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -178,6 +292,6 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Pat
 def load_model(checkpoint: str | Path) -> nn.Module:
     """The slimmed architecture of a run or checkpoint folder with its weights, in eval mode."""
     tensors, state, folder = read_checkpoint(checkpoint)
-    model = build_from_arch(state["arch"])
+    model = build_from_arch(state["arch"], str(folder / STATE_FILE))
     load_weights(model, tensors, folder / MODEL_FILE)
     return model.eval()

@@ -19,7 +19,7 @@ def eval_checkpoint(checkpoint: str | Path, dataset: str, root: str, split: str 
                     adaptive_resolution: bool = False, device: str = "auto",
                     progress: bool = True) -> dict:
     tensors, state, folder = ckpt.read_checkpoint(checkpoint)
-    model = ckpt.build_from_arch(state["arch"])
+    model = ckpt.build_from_arch(state["arch"], str(folder / ckpt.STATE_FILE))
     ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
     dev = pick_device(device)
     model.to(dev).eval()

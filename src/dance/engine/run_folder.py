@@ -4,8 +4,6 @@
   dataset's identity, the package version), so a resume or a reused compare run can be checked
   against the config it is asked to continue;
 * a lock, so one process at a time writes a folder;
-* named fault points, where the fault-injection tests kill the process (off unless the test
-  sets ``DANCE_FAULT_AT``).
 """
 from __future__ import annotations
 
@@ -13,7 +11,6 @@ import contextlib
 import hashlib
 import json
 import os
-import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -119,8 +116,3 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
     finally:
         os.close(fd)  # releases the lock
 
-
-def fault_point(name: str) -> None:
-    """Test-only: die here, as ``kill -9`` would, when ``DANCE_FAULT_AT`` names this point."""
-    if os.environ.get("DANCE_FAULT_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -37,7 +37,6 @@ from dance.engine.run_folder import (
     FINGERPRINT_FILE,
     dataset_fingerprint,
     describe_diff,
-    fault_point,
     fingerprint_diff,
     locked,
     run_fingerprint,
@@ -53,6 +52,7 @@ from dance.engine.runtime import (
 )
 from dance.engine.state import TrainState
 from dance.errors import DanceError
+from dance.faults import fault_point
 from dance.fileio import atomic_write_json, jsonable
 from dance.network.flops import count_gflops, meta_copy
 from dance.network.gates import MultiScaleModule, branches
@@ -216,6 +216,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
         with run.timer.phase("accounting"):
             state.ledger.add_step(run.model, x_shape, tuple(tc.crop), full_factor, run.reference)
         state.global_step += 1
+        fault_point("step")
         log.add(i, batch["index"], per_image, loss, total, lr, x_shape[3] / tc.crop[1])
         if len(log.steps) >= SYNC_EVERY:
             log.flush(state, bar)
@@ -224,6 +225,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
             log.flush(state, bar)
             with run.timer.phase("prune"):
                 prune_now(run, state, progress_now)
+            fault_point("pruned")
     log.flush(state, bar)
     bar.close()
     state.ledger.epochs_trained += run_steps / steps
@@ -584,6 +586,7 @@ def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: Networ
                   file=sys.stderr)
         return None
     tensors, saved, folder = ckpt.read_checkpoint(ckpt_dir)
+    source = folder / ckpt.STATE_FILE
     arch = saved["arch"]
     if arch["name"] != cfg.model.name:
         raise DanceError(f"{folder}: checkpoint is of model {arch['name']!r}, "
@@ -593,16 +596,24 @@ def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: Networ
         raise DanceError(f"{folder}: the run was started with a different "
                          f"{describe_diff(differs)}; pass --force to continue it anyway, or "
                          "choose another --out")
-    if arch.get("removed"):
-        from dance.network.channels import replay
-        replay(model, arch["removed"])
-    ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
-    restored = TrainState.from_json(saved["train_state"], str(folder / ckpt.STATE_FILE))
-    restored.forced_resume = restored.forced_resume or bool(differs)
+    try:
+        if arch.get("removed"):
+            from dance.network.channels import replay
+            replay(model, arch["removed"])
+        ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
+        restored = TrainState.from_json(saved["train_state"], str(source))
+        restored.forced_resume = restored.forced_resume or bool(differs)
+        if slimmer is not None and saved.get("slimmer"):
+            slimmer.load_state_dict(saved["slimmer"])
+    except DanceError as e:
+        text = str(e)
+        raise DanceError(text if text.startswith(str(folder)) else f"{source}: {text}") from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        # checksummed, so this is a state written by another version of dance, not damage
+        raise DanceError(f"{source}: checkpoint state does not fit this version of dance "
+                         f"({type(e).__name__}: {str(e)[:100]})") from None
     state.__dict__.update(restored.__dict__)
-    if slimmer is not None and saved.get("slimmer"):
-        slimmer.load_state_dict(saved["slimmer"])
-    torch.set_rng_state(tensors["rng/torch"])
+    ckpt.restore_rng(tensors)
     return tensors, saved
 
 
@@ -616,7 +627,12 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
     optimizer = make_optimizer(model, cfg)
     if saved is not None:
         tensors, saved_state = saved
-        ckpt.load_optimizer_state(optimizer, model, tensors, saved_state["optimizer"])
+        try:
+            ckpt.load_optimizer_state(optimizer, model, tensors, saved_state["optimizer"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+            raise DanceError(f"{out_dir / 'checkpoint'}: its optimizer state does not fit the "
+                             f"{tc.optimizer} optimizer of this run ({type(e).__name__}: "
+                             f"{str(e)[:100]})") from None
     transform = TrainTransform(tuple(tc.crop), tuple(tc.scale_range),
                                jitter_follows_scale=tc.jitter_follows_scale)
     data = PlannedDataset(train_ds, transform, seed=tc.seed, on_bad_sample=tc.on_bad_sample,
