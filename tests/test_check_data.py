@@ -74,8 +74,8 @@ def test_every_problem_is_listed_with_its_file(tmp_path, capsys):
     assert problems == {
         (str(missing[0]), "mask missing"),
         (str(mismatch[1]), "mask is 4x6"),
-        (str(bad_image[0]), "unreadable or truncated PNG"),
-        (str(bad_mask[1]), "unreadable or truncated mask"),
+        (str(bad_image[0]), "truncated PNG"),  # no complete end chunk: found before decoding
+        (str(bad_mask[1]), "truncated PNG"),
         (str(bad_values[1]), "mask values outside the class table"),
     }
     by_file = {p["file"]: p["problem"] for p in report["problems"]}

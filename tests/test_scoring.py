@@ -162,6 +162,68 @@ def test_corrupt_cache_is_ignored_and_replaced(tmp_path):
         assert decoded_since(before) == {"image": 0, "mask": 0}
 
 
+def test_a_file_replaced_with_its_size_and_mtime_kept_is_rescored(tmp_path):
+    """``cp -p`` and ``rsync -a`` keep size and mtime; the ctime they cannot keep."""
+    ds = make_folder_dataset(tmp_path / "data", n=2)
+    cache = tmp_path / "scores.cache.json"
+    first = score_dataset(ds, "si", cache_path=cache, workers=0, progress=False)
+    path = ds.samples[1].image
+    st = os.stat(path)
+    other = tmp_path / "flat.png"
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(other)
+    data = other.read_bytes()
+    assert len(data) <= st.st_size
+    path.write_bytes(data + b"\0" * (st.st_size - len(data)))  # same size, PNG ignores the tail
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+    again = score_dataset(ds, "si", cache_path=cache, workers=0, progress=False)
+    assert again[0] == first[0] and again[1].score == 0.0 != first[1].score
+
+
+def test_nan_entries_and_other_code_versions_are_not_used(tmp_path, monkeypatch):
+    ds = make_folder_dataset(tmp_path / "data", n=2)
+    cache = tmp_path / "scores.cache.json"
+    first = score_dataset(ds, "si", cache_path=cache, workers=0, progress=False)
+    data = json.loads(cache.read_text())
+    key = str(ds.samples[0].image.resolve())
+    data["files"][key]["scores"]["si"] = float("nan")
+    cache.write_text(json.dumps(data))  # json writes NaN, and reads it back
+    before = decodes()
+    assert score_dataset(ds, "si", cache_path=cache, workers=0, progress=False) == first
+    assert decoded_since(before) == {"image": 1, "mask": 0}  # that one entry only
+    monkeypatch.setattr(scoring, "INDICATORS_VERSION", 99)
+    before = decodes()
+    with pytest.warns(CacheWarning, match="other indicator or decoder versions"):
+        assert score_dataset(ds, "si", cache_path=cache, workers=0, progress=False) == first
+    assert decoded_since(before) == {"image": 2, "mask": 0}
+
+
+def test_a_full_disk_keeps_the_previous_csv_and_cache(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import dance.fileio as fileio
+    make_folder_dataset(tmp_path / "data", n=2)
+    out = tmp_path / "scores.csv"
+    args = ["score", "--dataset", "folder", "--root", str(tmp_path / "data"), "--out", str(out),
+            "--workers", "0"]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(tmp_path / "data/images/train/im2.png")
+    Image.fromarray(np.zeros((24, 32), np.uint8)).save(tmp_path / "data/masks/train/im2.png")
+
+    def full(fd, *args, **kwargs):
+        os.close(fd)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(fileio.os, "fdopen", full)
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"dance score: error: {out}: cannot write (No space left on device); "
+                       "the previous scores.csv is intact")
+    assert err[0].startswith("dance score: warning: could not write the score cache: ")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
 def test_scores_done_before_a_bad_file_are_kept(tmp_path):
     ds = make_folder_dataset(tmp_path / "data", n=3)
     (ds.samples[2].image).write_bytes(b"not a png")

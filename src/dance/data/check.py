@@ -1,11 +1,12 @@
 """`dance check-data`: validate a dataset split up front (docs/datasets.md#check-data).
 
 It decodes only what it must. Image sizes come from file headers. Truncation is caught cheaply:
-a PNG is walked chunk by chunk with PIL's ``verify`` (CRCs checked, pixels not inflated); a JPEG
-must end with its end-of-image marker (FFD9) within its last 1 KiB (a little slack so trailing
-padding or metadata after EOI is not flagged; entropy-coded data never contains FFD9, so a file
-cut inside its pixel data always fails); any other format is decoded in full. Masks are decoded in
-full, since their values are needed for the class histogram.
+a PNG is walked chunk by chunk with PIL's ``verify`` (CRCs checked, pixels not inflated) and must
+end with a complete IEND chunk within its last 1 KiB; a JPEG must end with its end-of-image
+marker (FFD9) within its last 1 KiB (a little slack so trailing padding or metadata after EOI is
+not flagged; entropy-coded data never contains FFD9, so a file cut inside its pixel data always
+fails); any other format is decoded in full. Masks get the same check, then are decoded in full,
+since their values are needed for the class histogram.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from dance.data.datasets import (
     SegmentationDataset,
@@ -25,11 +25,13 @@ from dance.data.datasets import (
     open_dataset,
     size_mismatch_problem,
 )
-from dance.data.io import image_size, read_image, read_mask
+from dance.data.io import image_size, open_image, read_image, read_mask
 from dance.errors import DanceError
+from dance.faults import fault_point
 from dance.parallel import parallel_map
 
-_JPEG_TAIL_BYTES = 1024
+_TAIL_BYTES = 1024
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC, the last 8 bytes of a PNG
 
 
 @dataclass
@@ -55,41 +57,48 @@ def _problem_text(err: DanceError, path: str | os.PathLike) -> str:
     return text[len(prefix):] if text.startswith(prefix) else text
 
 
-def _verify_image(path: str) -> None:
-    """Cheap integrity check of an image file (module docstring); DanceError if it is broken."""
+def _tail(f, magic: bytes) -> bytes:
+    f.seek(0, os.SEEK_END)
+    f.seek(max(len(magic), f.tell() - _TAIL_BYTES))
+    return f.read()
+
+
+def _verify_file(path: str, decode) -> None:
+    """Cheap integrity check of an image or mask file (module docstring); DanceError if it is
+    broken. ``decode`` reads a format other than JPEG and PNG in full."""
     with open(path, "rb") as f:
         magic = f.read(8)
         if magic.startswith(b"\xff\xd8"):
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - _JPEG_TAIL_BYTES))
-            if b"\xff\xd9" not in f.read():
+            if b"\xff\xd9" not in _tail(f, magic):
                 raise DanceError(f"{path}: truncated JPEG (no end-of-image marker)")
             return
+        if magic == b"\x89PNG\r\n\x1a\n" and _PNG_END not in _tail(f, magic):
+            # PIL's verify stops at IEND's type without reading its CRC: a cut there passes it
+            raise DanceError(f"{path}: truncated PNG (no complete end chunk)")
     if magic != b"\x89PNG\r\n\x1a\n":
-        read_image(path)
+        decode(path)
         return
-    try:
-        with Image.open(path) as im:
-            im.verify()
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DanceError(f"{path}: unreadable or truncated PNG ({e})") from None
+    with open_image(path, "PNG") as im:
+        im.verify()
 
 
 def _check_sample(item: tuple[str, str | None, str], valid_raw: np.ndarray
                   ) -> tuple[list[tuple[str, str]], np.ndarray | None]:
     """Problems ``[(file, problem)]`` of one sample, and its raw-value histogram if it has none."""
     image, mask, expected_mask = item
+    fault_point("check-sample")
     problems: list[tuple[str, str]] = []
     image_hw = None
     try:
         image_hw = image_size(image)
-        _verify_image(image)
+        _verify_file(image, read_image)
     except DanceError as e:
         problems.append((image, _problem_text(e, image)))
     if mask is None:
         problems.append((image, missing_mask_problem(Path(expected_mask))))
         return problems, None
     try:
+        _verify_file(mask, read_mask)
         raw = read_mask(mask)
     except DanceError as e:
         problems.append((mask, _problem_text(e, mask)))
@@ -116,10 +125,10 @@ def check_dataset(dataset: SegmentationDataset, workers: int | None = None,
     split_problem = dataset.split_problem()
     if split_problem:
         problems.append({"file": str(dataset.image_dir), "problem": split_problem})
-    # workers 0 or None: every core; problems listed in sample order
-    for sample_problems, counts in parallel_map(worker, items, workers or None, progress=progress,
+    # workers None: every core; 0 or 1: this process. Problems listed in sample order
+    for sample_problems, counts in parallel_map(worker, items, workers, progress=progress,
                                                 desc=f"check-data {dataset.name}/{dataset.split}",
-                                                ordered=True):
+                                                ordered=True, what="checking the data"):
         problems.extend({"file": f, "problem": p} for f, p in sample_problems)
         if counts is not None:
             value_counts += counts
@@ -151,7 +160,7 @@ def format_report(report: CheckReport, max_problems: int = 20) -> str:
 def cli_check_data(args) -> int:
     """Handler of `dance check-data`: exit 1 when any problem is found, 0 otherwise."""
     dataset = open_dataset(args.dataset, args.root, args.split, allow_empty=True)
-    report = check_dataset(dataset)
+    report = check_dataset(dataset, workers=args.workers)
     if args.json:
         print(json.dumps(report.to_json()))
     else:

@@ -36,6 +36,8 @@ from dance.errors import DanceError
 IMAGE_INDICATORS = ("si", "gradient", "edges", "entropy", "jpeg")
 LABEL_INDICATORS = ("label_boundary", "label_aliasing")
 INDICATORS = IMAGE_INDICATORS + LABEL_INDICATORS
+# Raise when an indicator's formula changes: score caches made before are then not used
+INDICATORS_VERSION = 1
 
 EDGE_THRESHOLD = 128.0
 JPEG_QUALITY = 75

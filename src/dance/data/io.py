@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,20 +15,55 @@ from PIL import Image, UnidentifiedImageError
 from dance.errors import DanceError
 
 
+def max_pixels() -> int:
+    """The most pixels an image or mask may have: ``DANCE_MAX_IMAGE_PIXELS``, else Pillow's
+    decompression-bomb limit (about 89 megapixels, 40x a Cityscapes frame). A file whose header
+    claims more is an error before anything is decoded, not gigabytes of memory."""
+    text = os.environ.get("DANCE_MAX_IMAGE_PIXELS")
+    if text:
+        try:
+            value = int(text)
+        except ValueError:
+            raise DanceError(f"DANCE_MAX_IMAGE_PIXELS must be an integer, got {text!r}") from None
+        if value < 1:
+            raise DanceError(f"DANCE_MAX_IMAGE_PIXELS must be positive, got {value}")
+        return value
+    return int(Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+def check_pixels(path: str | os.PathLike, height: int, width: int) -> None:
+    """DanceError naming ``path`` when its header claims more than ``max_pixels()``."""
+    limit = max_pixels()
+    if height * width > limit:
+        raise DanceError(f"{path}: {width}x{height} pixels is more than the limit of {limit:,} "
+                         "(a corrupt header or a decompression bomb?); set "
+                         "DANCE_MAX_IMAGE_PIXELS to allow larger images")
+
+
 @contextlib.contextmanager
-def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
-    """``Image.open`` with every failure as one DanceError line naming the file."""
+def open_image(path: str | os.PathLike, what: str = "image") -> Iterator[Image.Image]:
+    """``Image.open`` with the pixel limit checked (``check_pixels``), and every failure as one
+    DanceError line naming the file."""
+    limit = max_pixels()
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow warns above its limit; check_pixels decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = max(limit, Image.MAX_IMAGE_PIXELS or 0)
+            opened = Image.open(path)
+        with opened as im:
+            check_pixels(path, im.size[1], im.size[0])
             yield im
     except FileNotFoundError:
-        raise DanceError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DanceError(f"{path}: unreadable or truncated image ({e})") from None
+        raise DanceError(f"{path}: {'mask' if what == 'mask' else 'file'} not found") from None
+    except Image.DecompressionBombError as e:  # twice Pillow's limit: refused by Pillow itself
+        raise DanceError(f"{path}: more pixels than the limit of {limit:,} ({e}); set "
+                         "DANCE_MAX_IMAGE_PIXELS to allow larger images") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DanceError(f"{path}: unreadable or truncated {what} ({e})") from None
 
 
 def _decode(path: str | os.PathLike, mode: str) -> np.ndarray:
-    with _opened(path) as im:
+    with open_image(path) as im:
         im.load()
         return np.asarray(im.convert(mode))
 
@@ -65,6 +101,7 @@ def _read_jpeg(path: str | os.PathLike,
         h, w, space, _ = simplejpeg.decode_jpeg_header(data)
         if space not in _SIMPLEJPEG_SPACES:
             return None
+        check_pixels(path, h, w)
         need_h, need_w = size_for((h, w)) if size_for is not None else (h, w)
         image = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min(need_h, h),
                                        min_width=min(need_w, w))
@@ -85,7 +122,7 @@ def read_image_at_least(path: str | os.PathLike,
     jpeg = _read_jpeg(path, size_for)
     if jpeg is not None:
         return jpeg
-    with _opened(path) as im:
+    with open_image(path) as im:
         w, h = im.size
         need_h, need_w = size_for((h, w))
         if im.format == "JPEG" and (need_h < h or need_w < w):
@@ -102,42 +139,33 @@ def read_luma(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Decode a label mask to an ``H x W`` array of its raw values (palette indices for P-mode)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("L", "P"):
-                arr = np.asarray(im)
-            elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im).astype(np.int64)
-            elif im.mode in ("RGB", "RGBA"):
-                raise DanceError(
-                    f"{path}: mask is a {im.mode} image; expected one channel of label ids "
-                    "(a colour-coded label file?)"
-                )
-            else:
-                arr = np.asarray(im.convert("L"))
-    except FileNotFoundError:
-        raise DanceError(f"{path}: mask not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DanceError(f"{path}: unreadable or truncated mask ({e})") from None
-    return arr
+    """Decode a label mask to an ``H x W`` array of its raw values (palette indices for P-mode,
+    0/1 for a bilevel image). A mask of several channels or of floats is a DanceError: label ids
+    are one channel of integers."""
+    with open_image(path, "mask") as im:
+        im.load()
+        if im.mode in ("L", "P"):
+            return np.asarray(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            return np.asarray(im).astype(np.int64)
+        if im.mode == "1":
+            return np.asarray(im).astype(np.uint8)
+        hint = " (a colour-coded label file?)" if im.mode in ("RGB", "RGBA") else ""
+        raise DanceError(f"{path}: mask is a {im.mode} image; expected one channel of integer "
+                         f"label ids{hint}")
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """``(height, width)`` from the file header alone, without decoding pixels."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise DanceError(f"{path}: file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DanceError(f"{path}: unreadable image ({e})") from None
+    with open_image(path) as im:
+        w, h = im.size
     return h, w
 
 
-def file_key(path: str | os.PathLike) -> tuple[str, int, int]:
-    """Cache key of a file: resolved path, size in bytes and mtime in nanoseconds."""
+def file_key(path: str | os.PathLike) -> tuple[str, tuple[int, int, int]]:
+    """Cache key of a file: its resolved path, and a stamp of its size in bytes, mtime and ctime
+    in nanoseconds. The ctime catches a file replaced with its size and mtime kept (``cp -p``,
+    ``rsync -a``, ``touch -r``): no program can set it back."""
     p = Path(path)
     st = p.stat()
-    return str(p.resolve()), st.st_size, st.st_mtime_ns
+    return str(p.resolve()), (st.st_size, st.st_mtime_ns, st.st_ctime_ns)

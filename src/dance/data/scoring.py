@@ -2,10 +2,11 @@
 `dance score`: docs/cli.md#dance-score).
 
 One decode per image serves every requested indicator; images are scored in parallel by a
-process pool. The cache is a JSON file keyed by each file's resolved path, size and mtime
+process pool. The cache is a JSON file keyed by each file's resolved path, size, mtime and ctime
 (``dance.data.io.file_key``): an unchanged file is never decoded again, a changed one is
 re-scored. Image indicators are keyed by the image file, label indicators by the mask file
-(plus the scale and the dataset's label table, which change what they measure).
+(plus the scale and the dataset's label table, which change what they measure). A cache made by
+other indicator code or other decoders (``cache_tag``) is not used.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import warnings
@@ -25,6 +27,7 @@ import numpy as np
 
 from dance.data.complexity import (
     IMAGE_INDICATORS,
+    INDICATORS_VERSION,
     LABEL_INDICATORS,
     LUMA_INDICATORS,
     all_indicators,
@@ -32,12 +35,13 @@ from dance.data.complexity import (
 )
 from dance.data.io import file_key, read_image, read_luma, read_mask
 from dance.errors import DanceError
+from dance.faults import fault_point
 from dance.fileio import atomic_write_json, atomic_write_text
 from dance.parallel import parallel_map, worker_count
 
 CSV_HEADER = ("id", "path", "indicator", "score")
 CACHE_FORMAT = "dance-score-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries carry the ctime; the file records the code that scored them
 DEFAULT_CACHE_NAME = "dance-scores.cache.json"  # inside the dataset root when there is no --out
 
 # Files decoded by scoring in this process and its workers (workers report theirs back), so a
@@ -71,46 +75,77 @@ def _score_key(indicator: str, scale: float, table_tag: str) -> str:
     return indicator
 
 
-def _valid_entry(entry: Any) -> bool:
-    return (isinstance(entry, dict)
-            and isinstance(entry.get("size"), int) and isinstance(entry.get("mtime_ns"), int)
+_STAMP = ("size", "mtime_ns", "ctime_ns")
+
+
+def cache_tag() -> dict[str, str]:
+    """The code a cached score came from: the indicators' formulas and the decoders, whose
+    versions can change decoded pixels (libjpeg-turbo's IDCT, say)."""
+    import PIL
+    tag = {"indicators": str(INDICATORS_VERSION), "pillow": PIL.__version__}
+    try:
+        import simplejpeg
+        tag["simplejpeg"] = simplejpeg.__version__
+    except ImportError:
+        tag["simplejpeg"] = "absent"
+    return tag
+
+
+def _finite_scores(entry: Any) -> bool:
+    return (isinstance(entry, dict) and all(
+                isinstance(entry.get(k), int) and not isinstance(entry.get(k), bool)
+                for k in _STAMP)
             and isinstance(entry.get("scores"), dict)
-            and all(isinstance(v, (int, float)) for v in entry["scores"].values()))
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in entry["scores"].values()))
+
+
+def _stamp(entry: dict) -> tuple[int, int, int]:
+    return tuple(entry[k] for k in _STAMP)
 
 
 def load_cache(path: Path) -> dict[str, dict]:
-    """``{resolved path: {size, mtime_ns, scores}}`` from a cache file; empty if there is none.
+    """``{resolved path: {size, mtime_ns, ctime_ns, scores}}`` from a cache file; empty if
+    there is none.
 
-    A corrupt or foreign file is ignored with a CacheWarning: scoring never fails on its cache,
-    and the file is replaced only by a complete new one (atomic write).
+    A corrupt or foreign file, or one made by other code (``cache_tag``), is ignored with a
+    CacheWarning: scoring never fails on its cache, and the file is replaced only by a complete
+    new one (atomic write). A malformed entry (a NaN score, a missing stamp) is dropped alone:
+    that image is re-scored.
     """
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        warnings.warn(f"{path}: unreadable score cache ignored, images are re-scored ({e})",
-                      CacheWarning, stacklevel=2)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        warnings.warn(f"{path}: unreadable score cache ignored, images are re-scored "
+                      f"({str(e)[:100]})", CacheWarning, stacklevel=2)
         return {}
     files = data.get("files") if isinstance(data, dict) else None
     if (not isinstance(data, dict) or data.get("format") != CACHE_FORMAT
-            or data.get("version") != CACHE_VERSION or not isinstance(files, dict)
-            or not all(_valid_entry(e) for e in files.values())):
+            or data.get("version") != CACHE_VERSION or not isinstance(files, dict)):
         warnings.warn(f"{path}: not a dance score cache (version {CACHE_VERSION}); ignored, "
                       "images are re-scored", CacheWarning, stacklevel=2)
         return {}
-    return files
+    if data.get("code") != cache_tag():
+        warnings.warn(f"{path}: scores made by other indicator or decoder versions "
+                      f"({data.get('code')}); ignored, images are re-scored", CacheWarning,
+                      stacklevel=2)
+        return {}
+    return {k: e for k, e in files.items() if _finite_scores(e)}
 
 
 def save_cache(path: Path, files: dict[str, dict]) -> None:
-    """Write the cache atomically; a failure (read-only dataset folder) only warns."""
+    """Write the cache atomically; a failure (read-only dataset folder, disk full) only warns,
+    and leaves the previous cache file as it was."""
     try:
-        atomic_write_json(path, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "files": files})
+        atomic_write_json(path, {"format": CACHE_FORMAT, "version": CACHE_VERSION,
+                                 "code": cache_tag(), "files": files})
     except OSError as e:
-        warnings.warn(f"{path}: could not write the score cache ({e})", CacheWarning, stacklevel=2)
+        warnings.warn(f"could not write the score cache: {e}", CacheWarning, stacklevel=2)
 
 
-def _stat(path: Path) -> tuple[str, int, int]:
+def _stat(path: Path) -> tuple[str, tuple[int, int, int]]:
     try:
         return file_key(path)
     except FileNotFoundError:
@@ -147,6 +182,7 @@ def _init_worker(dataset, scale: float) -> None:
 
 def _score_task(task: tuple[int, tuple[str, ...]]) -> tuple[int, dict[str, float], int, int]:
     index, indicators = task
+    fault_point("score-task")
     return (index, *_score_sample(_worker_state["dataset"], index, indicators,
                                   _worker_state["scale"]))
 
@@ -178,7 +214,7 @@ def score_dataset(dataset, indicators: str | Iterable[str] = ("si",),
     image_names = [n for n in names if n in IMAGE_INDICATORS]
     label_names = [n for n in names if n in LABEL_INDICATORS]
     scores: list[dict[str, float]] = [{} for _ in samples]
-    file_keys: list[dict[str, tuple[str, int, int]]] = []  # per sample: indicator -> file key
+    file_keys: list[dict[str, tuple[str, tuple]]] = []  # per sample: indicator -> file key
     tasks: list[tuple[int, tuple[str, ...]]] = []
     for i, sample in enumerate(samples):
         if label_names and sample.mask is None:
@@ -187,11 +223,10 @@ def score_dataset(dataset, indicators: str | Iterable[str] = ("si",),
         image_key = _stat(sample.image) if image_names else None
         mask_key = _stat(sample.mask) if label_names else None
         file_keys.append({n: image_key if n in IMAGE_INDICATORS else mask_key for n in names})
-        for name, (path, size, mtime_ns) in file_keys[i].items():
+        for name, (path, stamp) in file_keys[i].items():
             entry = cache.get(path)
             score_key = _score_key(name, scale, table_tag)
-            if (entry is not None and entry["size"] == size and entry["mtime_ns"] == mtime_ns
-                    and score_key in entry["scores"]):
+            if entry is not None and _stamp(entry) == stamp and score_key in entry["scores"]:
                 scores[i][name] = float(entry["scores"][score_key])
         missing = tuple(n for n in names if n not in scores[i])
         if missing:
@@ -199,16 +234,16 @@ def score_dataset(dataset, indicators: str | Iterable[str] = ("si",),
 
     try:
         with closing(parallel_map(_score_task, tasks, workers, _init_worker, (dataset, scale),
-                                  progress=progress, desc="scoring")) as results:
+                                  progress=progress, desc="scoring", what="scoring images")) as results:
             for i, sample_scores, n_images, n_masks in results:
                 decode_counts["image"] += n_images
                 decode_counts["mask"] += n_masks
                 scores[i].update(sample_scores)
                 for name, value in sample_scores.items():
-                    path, size, mtime_ns = file_keys[i][name]
+                    path, stamp = file_keys[i][name]
                     entry = cache.get(path)
-                    if entry is None or entry["size"] != size or entry["mtime_ns"] != mtime_ns:
-                        entry = cache[path] = {"size": size, "mtime_ns": mtime_ns, "scores": {}}
+                    if entry is None or _stamp(entry) != stamp:
+                        entry = cache[path] = {**dict(zip(_STAMP, stamp)), "scores": {}}
                     entry["scores"][_score_key(name, scale, table_tag)] = value
     finally:  # keep what was scored, also when a bad file or Ctrl-C stops the run
         if cache_path is not None and tasks:
