@@ -214,12 +214,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", default="streets",
                    help="scene family: streets (city streets by day) or suburb-dusk (low houses "
                         "and trees under dim dusk light)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=_int_at_least(0), default=None,
+                   help="processes (default: all cores)")
 
     p = command("check-data", "dance.data.check:cli_check_data",
                 "validate a dataset split up front; exits 1 if it finds problems")
     _dataset_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--workers", type=_int_at_least(0), default=None,
+                   help="processes (default: all cores)")
 
     p = command("score", "dance.data.scoring:cli_score",
                 "score every image of a split by spatial complexity (cached)")
@@ -228,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"one or more (comma-separated) of {', '.join(INDICATORS)}")
     p.add_argument("--out", default=None, help="CSV file (id,path,indicator,score)")
     p.add_argument("--cache", default=None, help="score cache file (default: beside --out)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--workers", type=_int_at_least(0), default=None,
+                   help="processes (default: all cores)")
 
     p = command("plan", "dance.data.plan:cli_plan",
                 "plan data slimming (scales, drops, loss weights) for a training budget")
@@ -300,6 +304,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What an interrupted command leaves, said on its one line (nothing is half-written: every file
+# is replaced atomically, and a run's last checkpoint stays whole)
+_INTERRUPTED = {
+    "train": "interrupted; continue with --resume (same --config and --out)",
+    "compare": "interrupted; rerun the same command to continue (finished runs are reused, "
+               "unfinished ones resumed)",
+    "demo": "interrupted; rerun dance demo to continue (finished runs are reused, unfinished "
+            "ones resumed)",
+    "score": "interrupted; the scores computed so far are cached, rerun to continue",
+}
+
+
+def _one_line_warnings(command: str):
+    """``warnings.showwarning`` printing dance's own warnings as ``dance CMD: warning: ...``,
+    one line like its errors; other libraries' warnings keep Python's format."""
+    import warnings
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category.__module__.startswith("dance."):
+            print(f"dance {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+    return show
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    """SIGTERM (a batch scheduler's stop, ``kill``) unwinds like Ctrl-C: same line, same exit
+    status, the same files left whole."""
+    raise KeyboardInterrupt
+
+
 def _run(args: argparse.Namespace) -> int:
     module, func = args.handler.split(":")
     handler = getattr(importlib.import_module(module), func)
@@ -314,6 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     except _BadOptions as e:
         print(f"dance {e.command}: error: {e}", file=sys.stderr)
         return 1
+    import signal
+    import threading
+    import warnings
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    shown, warnings.showwarning = warnings.showwarning, _one_line_warnings(args.command)
     try:
         return _run(args)
     except DanceError as e:
@@ -322,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dance {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"dance {args.command}: interrupted", file=sys.stderr)
+        print(f"dance {args.command}: {_INTERRUPTED.get(args.command, 'interrupted')}",
+              file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not a user error: still one line unless --verbose
         if args.verbose:
@@ -331,3 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dance {args.command}: internal error: {type(e).__name__}: {msg} "
               "(rerun with --verbose for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = shown
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)

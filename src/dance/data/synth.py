@@ -743,7 +743,8 @@ def generate_synthstreets(out: str | os.PathLike, train: int = 300, val: int = 1
     jobs = [(str(root), int(seed), s, i, (h, w), style) for s in SPLITS
             for i in range(counts[s])]
     # workers=0 draws in this process; None uses every core we may run on.
-    for _ in parallel_map(_write_sample, jobs, workers, progress=progress, desc="SynthStreets"):
+    for _ in parallel_map(_write_sample, jobs, workers, progress=progress, desc="SynthStreets",
+                          what="generating SynthStreets"):
         pass
     seconds = time.perf_counter() - start
     atomic_write_json(root / MANIFEST, params)  # no timings in it: the folder is byte-identical

@@ -228,9 +228,8 @@ def train_all(run_jobs: list[RunJob], score_cache: Path, data_fp: dict, progress
         return [reuse_or_train(j.cfg, j.folder, score_cache, progress, j.label, data_fp)
                 for j in run_jobs]
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
-    from dance.parallel import usable_cores
+    from dance.parallel import process_pool, usable_cores
     _score_once([j.cfg for j in run_jobs], score_cache, progress)
     share = max(1, usable_cores() // jobs)
     for j in run_jobs:
@@ -238,16 +237,12 @@ def train_all(run_jobs: list[RunJob], score_cache: Path, data_fp: dict, progress
             j.cfg.train.threads = share
     print(f"[compare] training {len(run_jobs)} runs, {jobs} at a time "
           f"({share} CPU thread(s) each)", file=sys.stderr)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with process_pool(jobs, "training the runs",
+                      mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {id(j): pool.submit(reuse_or_train, j.cfg, j.folder, score_cache, False,
                                       j.label, data_fp)
                    for j in sorted(run_jobs, key=_expected_cost, reverse=True)}  # longest first
-        try:
-            return [futures[id(j)].result() for j in run_jobs]
-        except BaseException:
-            for f in futures.values():
-                f.cancel()
-            raise
+        return [futures[id(j)].result() for j in run_jobs]
 
 
 def _expected_cost(job: RunJob) -> float:
