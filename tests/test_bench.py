@@ -253,3 +253,30 @@ def test_phases_script_prints_every_runs_phases_and_ratios(tmp_path, capsys):
     assert saved["baseline"]["total_cost"] == 1.0
     assert saved["uniform"]["total_cost"] == pytest.approx(0.5, abs=0.03)
     assert {"forward", "backward", "optimizer"} <= set(saved["uniform"]["phase_seconds"])
+
+
+def test_benchmark_data_lives_in_this_users_private_cache_not_in_tmp(tmp_path, monkeypatch):
+    from dance.bench import common
+    from dance.errors import DanceError
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = common.synth_root(None, 8, 2, (32, 64))
+    assert root == tmp_path / "cache" / "dance" / "bench-synth-8-2-32x64"
+    assert (os.stat(tmp_path / "cache" / "dance").st_mode & 0o777) == 0o700
+    # a folder someone else prepared: a symlink, or writable by others, or not ours
+    for case in ("symlink", "mode", "owner"):
+        base = tmp_path / case
+        base.mkdir()
+        monkeypatch.setenv("XDG_CACHE_HOME", str(base))
+        if case == "symlink":
+            (tmp_path / "elsewhere").mkdir(exist_ok=True)
+            (base / "dance").symlink_to(tmp_path / "elsewhere")
+        else:
+            (base / "dance").mkdir()
+            if case == "mode":
+                os.chmod(base / "dance", 0o777)
+            elif os.getuid() == 0:
+                os.chown(base / "dance", 12345, 12345)
+            else:
+                continue
+        with pytest.raises(DanceError, match="pass --data FOLDER"):
+            common.synth_root(None, 8, 2, (32, 64))

@@ -8,13 +8,13 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from dance.errors import DanceError
 from dance.parallel import usable_cores
 
 
@@ -63,13 +63,38 @@ def side_by_side(runs: Mapping[str, Callable[[], int]], repeats: int) -> dict[st
     return best
 
 
+def user_cache_dir() -> Path:
+    """This user's private dance cache folder: ``$XDG_CACHE_HOME/dance`` (else
+    ``~/.cache/dance``), created with mode 700. Not the shared temp folder: there another local
+    user could create the folder first, or a symlink pointing elsewhere, and have a benchmark
+    read their files or write into theirs. A folder that is a symlink, or is not this user's,
+    is a DanceError."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = Path(base) / "dance"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(folder)
+    except OSError as e:
+        raise DanceError(f"{folder}: cannot create the benchmark cache folder ({e.strerror}); "
+                         "pass --data FOLDER") from None
+    import stat
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise DanceError(f"{folder}: not a folder of this user (a symlink, or another user's); "
+                         "refusing to use it for benchmark data; pass --data FOLDER")
+    if st.st_mode & 0o022:
+        raise DanceError(f"{folder}: other users may write into it (mode "
+                         f"{stat.S_IMODE(st.st_mode):o}); chmod 700 it, or pass --data FOLDER")
+    return folder
+
+
 def synth_root(data: str | os.PathLike | None, train: int, val: int,
                size: tuple[int, int]) -> Path:
-    """``data``, or a folder of the system temp dir named by the set, reused by later runs."""
+    """``data``, or a folder named by the set in this user's cache (``user_cache_dir``),
+    reused by later runs."""
     if data is not None:
         return Path(data)
     h, w = size
-    return Path(tempfile.gettempdir()) / f"dance-bench-synth-{train}-{val}-{h}x{w}"
+    return user_cache_dir() / f"bench-synth-{train}-{val}-{h}x{w}"
 
 
 def synth_dataset(root: Path, train: int, val: int, size: tuple[int, int]):
