@@ -137,6 +137,7 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path):
             pass
 
 
+@pytest.mark.slow  # CI: tests/test_faults.py kills a smaller run at before-metrics
 def test_kill_between_plan_and_metrics_leaves_an_unfinished_run_that_resumes(config, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "dance", "train", "--config", str(config), *ONE_EPOCH,

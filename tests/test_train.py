@@ -100,6 +100,7 @@ def test_onnx_export_of_slimmed_run_matches_load_model(runs, tmp_path):
         np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
+@pytest.mark.slow  # CI: tests/test_faults.py kills and resumes a smaller run at chosen points
 def test_resume_after_kill_gives_the_same_metrics(runs, config, tmp_path):
     _, _, uninterrupted = runs
     out = tmp_path / "killed"
@@ -124,6 +125,7 @@ def test_resume_after_kill_gives_the_same_metrics(runs, config, tmp_path):
     assert resumed["removed_branches"] == uninterrupted["removed_branches"]
 
 
+@pytest.mark.slow  # CI: tests/test_faults.py kills a smaller run at checkpoint-swap
 def test_kill_during_the_checkpoint_swap_resumes_from_checkpoint_new(runs, config, tmp_path):
     _, _, uninterrupted = runs
     out = tmp_path / "swap"
@@ -201,12 +203,11 @@ def test_two_process_gloo_torchrun(config, tmp_path):
     assert m["removed_branches"]  # both ranks removed the same branch and finished
 
 
-def test_a_joint_budget_spends_the_network_saving_on_data(config, tmp_path):
+def test_a_joint_budget_spends_the_network_saving_on_data(runs, config, tmp_path):
     """With data_slimming.joint_budget the budget is the whole run's training FLOPs: the data
     plan is made at budget / the network's expected FLOPs fraction (0.5 / 0.7 here), and the
     run's total lands on the budget while its data plan alone costs more."""
-    plain = run_train(config, tmp_path / "plain", "data_slimming.enabled=false",
-                      "network_slimming.enabled=false")
+    _, plain, _ = runs  # the plain run of this config
     m = run_train(config, tmp_path / "joint", "data_slimming.policy=uniform",
                   "data_slimming.joint_budget=true", "network_slimming.prune_at=[0.25]",
                   "network_slimming.network_budget=0.6")
