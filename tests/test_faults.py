@@ -169,13 +169,21 @@ def test_resume_from_a_damaged_checkpoint_names_it_and_keeps_it(tiny, tmp_path, 
 
 # --- Ctrl-C ------------------------------------------------------------------------------------
 
-def interrupted(cmd: list[str], point: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def _default_sigint() -> None:
+    """A shell runs background jobs with SIGINT ignored, and an ignored signal stays ignored
+    across exec: the command under test must get Ctrl-C as it would in a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def interrupted(cmd: list[str], point: str, timeout: float = 300,
+                action: str = "interrupt") -> subprocess.CompletedProcess:
     """Run ``cmd`` in its own session and press Ctrl-C (SIGINT to its process group) when it
-    reaches ``point``; then check no process of the group is left."""
+    reaches ``point`` (or send it SIGTERM, ``action="terminate"``); then check no process of
+    the group is left."""
     proc = subprocess.Popen(cmd, env={**os.environ, "DANCE_FAULT_AT": point,
-                                      "DANCE_FAULT_ACTION": "interrupt"},
+                                      "DANCE_FAULT_ACTION": action},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
     out, err = proc.communicate(timeout=timeout)
     import time
     for _ in range(50):  # the workers are gone with it
@@ -201,6 +209,15 @@ def test_ctrl_c_during_train_is_one_line_and_the_run_resumes_identically(tiny, t
                  "--resume"]) == 0
     got = json.loads((out / "metrics.json").read_text())
     assert got["resumed"] and computed(got) == computed(tiny["metrics"])
+
+
+@pytest.mark.slow
+def test_sigterm_is_handled_like_ctrl_c(tiny, tmp_path):
+    out = tmp_path / "run"
+    res = interrupted([*DANCE, "train", "--config", str(tiny["config"]), "--out", str(out),
+                       "--quiet"], "step:5", action="terminate")
+    assert res.returncode == 130 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("dance train: interrupted; continue")
 
 
 @pytest.mark.parametrize("command, point", [

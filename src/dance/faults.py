@@ -2,8 +2,9 @@
 
 Off unless a test sets ``DANCE_FAULT_AT`` to ``NAME`` or ``NAME:K`` (the K-th time this process
 reaches NAME, from 1). ``DANCE_FAULT_ACTION`` says what happens there: ``kill`` (default: SIGKILL
-to itself, as ``kill -9`` or the OOM killer would) or ``interrupt`` (SIGINT to its whole process
-group, as Ctrl-C in a terminal does). With ``DANCE_FAULT_LOG`` set, every point reached is
+to itself, as ``kill -9`` or the OOM killer would), ``interrupt`` (SIGINT to its whole process
+group, as Ctrl-C in a terminal does) or ``terminate`` (SIGTERM to itself, as a batch scheduler
+stopping a job). With ``DANCE_FAULT_LOG`` set, every point reached is
 appended to that file (one ``NAME K`` line), so a test can list the points of a run and pick some.
 """
 from __future__ import annotations
@@ -30,7 +31,10 @@ def fault_point(name: str) -> None:
     if _fired or at not in (name, f"{name}:{k}"):
         return
     _fired = True  # once per process: unwinding from an interrupt may pass here again
-    if os.environ.get("DANCE_FAULT_ACTION", "kill") == "interrupt":
+    action = os.environ.get("DANCE_FAULT_ACTION", "kill")
+    if action == "interrupt":
         os.killpg(os.getpgrp(), signal.SIGINT)
+    elif action == "terminate":
+        os.kill(os.getpid(), signal.SIGTERM)
     else:
         os.kill(os.getpid(), signal.SIGKILL)
