@@ -144,13 +144,15 @@ def test_kill_during_the_checkpoint_swap_resumes_from_checkpoint_new(runs, confi
 
 
 def test_nan_loss_stops_with_one_line_and_keeps_checkpoint(runs, config, tmp_path, capsys):
+    import shutil
     base, _, _ = runs
     out = tmp_path / "nan"
-    run_train(config, out, "train.epochs=1")
+    shutil.copytree(base / "plain", out)  # a finished 2-epoch run, continued for a third
     before = (out / "checkpoint" / "model.safetensors").read_bytes()
     (out / "metrics.json").unlink()
-    rc = main(["train", "--config", str(config), *TINY, "train.lr=1e12", "--out", str(out),
-               "--quiet", "--resume", "--force"])
+    rc = main(["train", "--config", str(config), *TINY, "data_slimming.enabled=false",
+               "network_slimming.enabled=false", "train.epochs=3", "train.lr=1e12",
+               "--out", str(out), "--quiet", "--resume", "--force"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "loss became" in err[0]
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == before
@@ -220,12 +222,17 @@ def test_a_joint_budget_spends_the_network_saving_on_data(runs, config, tmp_path
     assert m["realised_cost"] > 0.6  # the data side alone, priced on the original architecture
 
 
-def test_runs_are_trimmed_to_spend_their_budget(config, tmp_path, tmp_path_factory):
-    """sqrt(0.5) crops round up to 48x88 (over 0.51x the FLOPs of 64x128): without the trim a
-    uniform run overspends; with it the run stops at the step that lands on the budget."""
+@pytest.mark.slow  # what the trim below is for
+def test_without_the_trim_a_uniform_run_overspends(config, tmp_path):
+    """sqrt(0.5) crops round up to 48x88 (over 0.51x the FLOPs of 64x128)."""
     over = run_train(config, tmp_path / "over", "data_slimming.policy=uniform",
                      "data_slimming.trim_to_budget=false", "network_slimming.enabled=false")
     assert over["realised_cost"] > 0.51 and over["trained_epochs"] == 2
+
+
+def test_runs_are_trimmed_to_spend_their_budget(config, tmp_path, tmp_path_factory):
+    """A uniform run's crops round up to multiples of 8 (above): with the trim the run stops at
+    the step that lands on the budget."""
     fair = run_train(config, tmp_path / "fair", "data_slimming.policy=uniform",
                      "network_slimming.enabled=false")
     assert abs(fair["realised_cost"] - 0.5) <= 0.01 and fair["trained_epochs"] < 2
