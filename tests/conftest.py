@@ -7,6 +7,10 @@ import pytest  # noqa: E402
 # Tests never touch the network or a GPU and stay small enough for 2 cores.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: one thread each
+    import torch
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def rng():

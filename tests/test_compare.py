@@ -19,7 +19,7 @@ def compared(tmp_path_factory):
                    "network_slimming: {prune_at: [0.5], network_budget: 0.9}\n")
     out = tmp_path_factory.mktemp("compare")
     rc = main(["compare", "--config", str(cfg), *TINY, "--runs", ",".join(RUN_KINDS),
-               "--out", str(out), "--quiet"])
+               "--out", str(out), "--quiet", "--jobs", "2"])
     assert rc == 0
     return out, root
 
