@@ -229,3 +229,13 @@ def test_a_really_full_tmpfs(tmp_path):
     first, listing = res.stdout.strip().splitlines()
     assert "cannot write the checkpoint (No space left on device)" in first
     assert "is intact" in first and listing == "['checkpoint']"
+
+
+def test_files_get_the_users_umask_and_rewrites_keep_their_mode(tmp_path, monkeypatch):
+    import dance.fileio as fileio
+    monkeypatch.setattr(fileio, "_UMASK", 0o022)
+    atomic_write_bytes(tmp_path / "report.md", b"x")
+    assert os.stat(tmp_path / "report.md").st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    os.chmod(tmp_path / "report.md", 0o640)
+    atomic_write_bytes(tmp_path / "report.md", b"y")
+    assert os.stat(tmp_path / "report.md").st_mode & 0o777 == 0o640

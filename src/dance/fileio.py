@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,24 @@ def write_file_synced(path: str | os.PathLike, data: bytes) -> None:
                          e.strerror) from None
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put back at once
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once, at import: umask is per process, and setting it races
+
+
+def _new_mode(path: Path) -> int:
+    """The mode a rewritten file keeps, or a new file gets from the umask (0644 under the usual
+    022), as ``open`` would give it; ``mkstemp`` alone makes every file 0600."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~_UMASK
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a fsynced temp file in the same folder and a rename,
     so ``path`` is either its old self or complete. A failed write (disk full, read-only) is a
@@ -51,6 +70,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, _new_mode(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
