@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "for cheaper semantic-segmentation training and inference.",
     )
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    from dance import __version__
+    parser.add_argument("--version", action="version", version=f"dance {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, handler: str, help: str) -> argparse.ArgumentParser:
@@ -357,12 +359,19 @@ def main(argv: list[str] | None = None) -> int:
         previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     shown, warnings.showwarning = warnings.showwarning, _one_line_warnings(args.command)
     try:
-        return _run(args)
+        rc = _run(args)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+        return rc
     except DanceError as e:
         if args.verbose:
             traceback.print_exc()
         print(f"dance {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `dance plan --json | head`: the reader has gone, so be quiet
+        import os
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit would fail again
+        return 141  # 128 + SIGPIPE, what the shell reports for a program a pipe stopped
     except KeyboardInterrupt:
         print(f"dance {args.command}: {_INTERRUPTED.get(args.command, 'interrupted')}",
               file=sys.stderr)

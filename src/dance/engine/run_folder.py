@@ -97,9 +97,12 @@ def describe_diff(keys: list[str], limit: int = 6) -> str:
 def locked(folder: str | os.PathLike) -> Iterator[None]:
     """Hold ``folder``'s lock while the block runs; a second writer gets a one-line DanceError
     naming the holder's pid. The lock (``flock`` on ``.lock``) dies with its process, so a
-    killed run never leaves its folder locked."""
+    killed run never leaves its folder locked. A folder this call created and that the block
+    left holding nothing but the lock (a run that failed on its data, say) is removed when the
+    block raises, so a failed start leaves no empty run folder behind."""
     import fcntl
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -113,6 +116,12 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
+    except BaseException:
+        if created and os.listdir(folder) == [LOCK_FILE]:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / LOCK_FILE)
+                folder.rmdir()
+        raise
     finally:
         os.close(fd)  # releases the lock
 
