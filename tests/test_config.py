@@ -136,3 +136,23 @@ def test_model_options_are_checked_against_the_builder_on_load():
     assert "must be a number" in check_options("pspnet_r18", {"ppm_channels": True})
     assert check_options("pspnet_r18", {"bin_channels": None}) is None
     assert "must not be null" in check_options("pspnet_r18", {"ppm_channels": None})
+
+
+def test_every_error_at_once_each_named_by_the_file_or_the_override(tmp_path):
+    f = write(tmp_path / "c.yaml", "train: {epoch: 3, lr: -1}\n")
+    with pytest.raises(DanceError) as err:
+        load_config(f, ["train.batch_size=abc"])
+    text = str(err.value)
+    assert "\n" not in text
+    # problems from one source follow its name: "c.yaml: train.lr: ...; unknown key ..."
+    assert f"{f}: train.lr: Input should be greater than 0 (got -1); unknown key 'train.epoch' " \
+        "(did you mean 'train.epochs'?)" in text
+    assert "override train.batch_size=abc: train.batch_size: Input should be a valid integer" \
+        in text
+
+
+def test_sizes_may_be_written_hxw_as_on_the_command_line(tmp_path):
+    cfg = load_config(None, ["train.crop=64x128", "train.eval_crop=32X64"])
+    assert tuple(cfg.train.crop) == (64, 128) and tuple(cfg.train.eval_crop) == (32, 64)
+    with pytest.raises(DanceError, match="train.crop"):
+        load_config(None, ["train.crop=64x"])

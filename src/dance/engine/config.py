@@ -121,6 +121,14 @@ class TrainConfig(_Strict):
     # learning-rate schedule compressed to span them: the "short" run kind of compare
     steps_fraction: float = Field(1.0, gt=0, le=1)
 
+    @field_validator("crop", "eval_crop", mode="before")
+    @classmethod
+    def _size_text(cls, v):
+        """``64x128`` as the command line writes sizes, as well as ``[64, 128]``."""
+        if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", v):
+            return [int(t) for t in re.split(r"[xX]", v)]
+        return v
+
     @field_validator("crop", "eval_crop")
     @classmethod
     def _crop(cls, v):
@@ -386,30 +394,53 @@ def _section_keys(loc: tuple) -> list[str]:
     return [f.alias or name for name, f in fields.items()]
 
 
-def _format_error(source: str, err: ValidationError) -> str:
-    e = err.errors()[0]
+def _format_one(e: dict) -> str:
     loc = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(e["loc"][-1]), _section_keys(e["loc"]), n=1)
         hint = f" (did you mean {'.'.join([*map(str, e['loc'][:-1]), close[0]])!r}?)" if close else ""
-        return f"{source}: unknown key {loc!r}{hint}"
+        return f"unknown key {loc!r}{hint}"
     msg = e["msg"].removeprefix("Value error, ")
     if len(msg) > 200:
         msg = msg[:197] + "..."
-    if "got " in msg:  # the validator quoted the value itself
-        return f"{source}: {loc}: {msg}"
-    return f"{source}: {loc}: {msg} (got {_short(e.get('input'))})"
+    if "got " in msg or isinstance(e.get("input"), dict):  # quoted already, or a whole section
+        return f"{loc}: {msg}"
+    return f"{loc}: {msg} (got {_short(e.get('input'))})"
 
 
-def config_from_dict(data: dict, source: str = "config") -> RunConfig:
+MAX_ERRORS_SHOWN = 5
+
+
+def _format_error(source: str, err: ValidationError,
+                  overridden: dict[tuple[str, ...], str] | None = None) -> str:
+    """Every problem of a config on one line, each named by its dotted key and by where it
+    came from: the file, or the ``key=value`` override that set it."""
+    parts, overridden = [], overridden or {}
+    errors = err.errors()
+    for e in errors[:MAX_ERRORS_SHOWN]:
+        loc = tuple(str(p) for p in e["loc"])
+        origin = next((f"override {text}" for key, text in overridden.items()
+                       if loc[:len(key)] == key or key[:len(loc)] == loc), source)
+        parts.append((origin, _format_one(e)))
+    more = len(errors) - MAX_ERRORS_SHOWN
+    text = "; ".join(p if i and origin == parts[i - 1][0] else f"{origin}: {p}"
+                     for i, (origin, p) in enumerate(parts))
+    return text + (f"; and {more} more" if more > 0 else "")
+
+
+def config_from_dict(data: dict, source: str = "config",
+                     overridden: dict[tuple[str, ...], str] | None = None) -> RunConfig:
+    """Validate ``data``; every problem is named in one DanceError line (``_format_error``).
+    ``overridden`` maps the dotted keys set by overrides to their ``key=value`` text."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise DanceError(_format_error(source, err)) from None
+        raise DanceError(_format_error(source, err, overridden)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read, merge bases, apply ``key=value`` overrides and validate."""
     data = _read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides))
-    return config_from_dict(data, str(path) if path is not None else "config")
+    overridden = {tuple(parse_override(t)[0]): t.strip() for t in overrides}
+    return config_from_dict(data, str(path) if path is not None else "config", overridden)
