@@ -44,7 +44,14 @@ def _run_chunk(func: Callable, chunk: Sequence) -> list:
 
 
 def _exit_on_terminate(signum, frame) -> None:
-    raise SystemExit(128 + signum)
+    """Exit now, as a worker exits normally: multiprocessing's exit hook runs this process's
+    finalizers (its semaphores unregistered, its queues flushed), then the process ends. Not
+    SystemExit: the executor would catch it as a task's failure and wait for the next task."""
+    try:
+        from multiprocessing import util
+        util._exit_function()
+    finally:
+        os._exit(128 + signum)
 
 
 def _worker_start(initializer: Callable | None, initargs: tuple) -> None:
