@@ -156,3 +156,19 @@ def test_sizes_may_be_written_hxw_as_on_the_command_line(tmp_path):
     assert tuple(cfg.train.crop) == (64, 128) and tuple(cfg.train.eval_crop) == (32, 64)
     with pytest.raises(DanceError, match="train.crop"):
         load_config(None, ["train.crop=64x"])
+
+
+def test_the_ready_configs_ship_in_the_package_and_are_found_by_name(tmp_path, capsys,
+                                                                     monkeypatch):
+    from dance.engine.config import PACKAGED, packaged_configs
+    assert PACKAGED.parent.name == "dance"  # inside the package, so a wheel carries them
+    ready = packaged_configs()
+    assert len(ready) == 18 and "synth" in ready and ready["synth"][1].startswith("SynthStreets")
+    monkeypatch.chdir(tmp_path)  # not the repository: found by name, not by path
+    assert load_config("cityscapes_pspnet_r50").model.name == "pspnet_r50"
+    with pytest.raises(DanceError, match="did you mean 'synth'"):
+        load_config("synthh")
+    assert main(["configs"]) == 0
+    assert "cityscapes_pspnet_r50" in capsys.readouterr().out
+    assert main(["configs", "synth"]) == 0
+    assert "base: [base/dance.yaml]" in capsys.readouterr().out

@@ -243,9 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--indicator", default=None, help="which indicator of the CSV (default: first)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = command("configs", "dance.engine.config:cli_configs",
+                "list the ready configs (dance train --config NAME), or print one")
+    p.add_argument("name", nargs="?", default=None, help="print this config's file")
+
     p = command("train", "dance.engine.train:cli_train",
                 "train one run (plain, or DANCE when slimming is enabled in the config)")
-    p.add_argument("--config", required=True, help="YAML config (sections and keys: docs/cli.md#config)")
+    p.add_argument("--config", required=True,
+                   help="YAML config file, or a ready config's name (dance configs lists them); "
+                        "sections and keys: docs/cli.md#config")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.epochs=2 data_slimming.budget=0.4")
     p.add_argument("--out", default=None, help="run folder (metrics.json, checkpoint/)")
@@ -281,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("compare", "dance.report.compare:cli_compare",
                 "train DANCE side by side with the plain run and the alternatives; write a report")
-    p.add_argument("--config", required=True, help="YAML config (sections and keys: docs/cli.md#config)")
+    p.add_argument("--config", required=True,
+                   help="YAML config file, or a ready config's name (dance configs lists them)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     p.add_argument("--runs", default=None,
                    help=f"comma-separated run kinds (baseline is always included); default: "

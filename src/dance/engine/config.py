@@ -1,7 +1,8 @@
 """Run configuration (docs/cli.md#config): YAML, validated on load, dotted overrides.
 
 A config file may start with ``base: [other.yaml, ...]`` (paths relative to the file); bases are
-merged first, in order, then the file itself, so the ready configs under ``configs/`` share their
+merged first, in order, then the file itself, so the ready configs (``dance/configs``, also
+``configs/`` in a clone; ``--config NAME`` finds them by name) share their
 dataset, model and schedule parts instead of copying them. Unknown keys and bad values are errors
 that name the key, before any work starts.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import math
 import re
 import reprlib
@@ -438,9 +440,55 @@ def config_from_dict(data: dict, source: str = "config",
         raise DanceError(_format_error(source, err, overridden)) from None
 
 
+PACKAGED = Path(__file__).resolve().parent.parent / "configs"  # the ready configs, shipped
+
+
+def packaged_configs() -> dict[str, tuple[Path, str]]:
+    """The ready configs that ship inside the package: ``{name: (file, first comment line)}``,
+    ``name`` being what ``--config NAME`` takes (``synth``, ``cityscapes_pspnet_r50``...)."""
+    out = {}
+    for f in sorted(PACKAGED.glob("*.yaml")):
+        lines = f.read_text(encoding="utf-8").splitlines()
+        head = " ".join(line.lstrip("# ").strip() for line in
+                        itertools.takewhile(lambda t: t.startswith("#"), lines))
+        out[f.stem] = (f, head.split(". ")[0].rstrip("."))  # its first sentence
+    return out
+
+
+def resolve_config(path: str | Path) -> Path:
+    """``path`` itself when it exists (or names a folder or file path), else the packaged
+    config of that name; an unknown name is a DanceError listing the ready ones."""
+    p = Path(path)
+    if p.exists() or p.suffix or len(p.parts) > 1:
+        return p
+    ready = packaged_configs()
+    if str(path) in ready:
+        return ready[str(path)][0]
+    close = difflib.get_close_matches(str(path), list(ready), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise DanceError(f"{path}: no such config file, nor a ready config of that name; {hint}"
+                     "`dance configs` lists them")
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Read, merge bases, apply ``key=value`` overrides and validate."""
+    """Read (a file, or a ready config by name), merge bases, apply ``key=value`` overrides
+    and validate."""
+    path = resolve_config(path) if path is not None else None
     data = _read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, list(overrides))
     overridden = {tuple(parse_override(t)[0]): t.strip() for t in overrides}
     return config_from_dict(data, str(path) if path is not None else "config", overridden)
+
+
+def cli_configs(args) -> int:
+    """`dance configs [NAME]`: the ready configs with what each is for, or one's text."""
+    ready = packaged_configs()
+    if args.name:
+        print(resolve_config(args.name).read_text(encoding="utf-8"), end="")
+        return 0
+    width = max(len(n) for n in ready)
+    for name, (_, about) in ready.items():
+        print(f"{name:<{width}}  {about}")
+    print(f"\n(dance train --config NAME; dance configs NAME prints one, to copy and edit; "
+          f"files in {PACKAGED})")
+    return 0
