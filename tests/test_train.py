@@ -258,3 +258,14 @@ def test_warming_up_shapes_leaves_weights_gradients_and_batchnorm_statistics_alo
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     now = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert now.keys() == grads.keys() and all(torch.equal(now[n], g) for n, g in grads.items())
+
+
+def test_a_run_keeps_a_plain_text_log_with_one_line_per_epoch(runs):
+    base, plain, _ = runs
+    lines = (base / "plain" / "train.log").read_text().splitlines()
+    assert len(lines) == 3 and "\r" not in "".join(lines)
+    assert " epoch 1/2  step " in lines[0] and " epoch 2/2 " in lines[1]
+    assert "loss " in lines[0] and "realised cost " in lines[1]
+    assert lines[2].endswith(f"finished: mIoU {plain['miou']:.2f}, training FLOPs "
+                             f"{plain['realised_cost']:.3f} of the plain run's, "
+                             f"{plain['train_seconds']:.1f} s")

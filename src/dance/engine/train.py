@@ -119,6 +119,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                 with run.timer.phase("checkpoint"):
                     state.phases = run.timer.to_json()
                     save_run_checkpoint(run, state)
+                # after the checkpoint, so an epoch a resume redoes is logged once
+                text_log(out_dir, epoch_line(record, run.horizon))
             epoch += 1
         run.meter.stop()
         wall_seconds = time.perf_counter() - t_start
@@ -127,6 +129,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             val_metrics = evaluate_run(model, val_ds, cfg, rt, run.show)
         metrics = final_metrics(run, state, plan0, val_metrics, wall_seconds, saved is not None)
         if rt.is_main:  # metrics.json last: it is what marks the run finished
+            text_log(out_dir, f"finished: mIoU {metrics['miou']:.2f}, training FLOPs "
+                              f"{metrics['realised_cost']:.3f} of the plain run's, "
+                              f"{metrics['train_seconds']:.1f} s")
             atomic_write_json(out_dir / "plan.json", plan0.to_json())
             fault_point("before-metrics")
             atomic_write_json(out_dir / "metrics.json", metrics)
@@ -678,6 +683,27 @@ def gate_values(model: nn.Module) -> dict[str, float]:
             for name in m.branch_names():
                 out[f"{path}.{name}" if path else name] = float(m.gate(name).detach())
     return out
+
+
+LOG_FILE = "train.log"
+
+
+def epoch_line(record: dict, horizon: float) -> str:
+    """One ``train.log`` line per finished epoch: what the progress bar showed, kept."""
+    loss = "n/a" if record["loss"] is None else f"{record['loss']:.4f}"
+    line = (f"epoch {record['epoch']}/{horizon:g}  step {record['step']}  "
+            f"loss {loss}  lr {record['lr']:.3g}  "
+            f"scale {record['mean_scale']:.3f}  realised cost {record['realised_cost']:.3f}")
+    if record["val_miou"] is not None:
+        line += f"  val mIoU {record['val_miou']:.2f}"
+    return line
+
+
+def text_log(out_dir: Path, line: str) -> None:
+    """Append a time-stamped line to the run's ``train.log`` (plain text, no progress-bar
+    carriage returns, so it reads the same in a terminal, a file or a CI log)."""
+    with open(out_dir / LOG_FILE, "a", encoding="utf-8") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')}  {line}\n")
 
 
 def log_epoch(run: Run, record: dict) -> None:
