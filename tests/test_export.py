@@ -1,5 +1,6 @@
 """Export: ONNX and TorchScript files of a slimmed model run without dance, at any batch
 size, height and width, and match PyTorch."""
+import json
 import subprocess
 import sys
 
@@ -51,6 +52,10 @@ def test_slimmed_model_exports_run_standalone_at_two_sizes(tmp_path):
         assert expected.shape == shape
         np.testing.assert_allclose(np.load(tmp_path / f"onnx{i}.npy"), expected, atol=1e-4, rtol=0)
         np.testing.assert_allclose(np.load(tmp_path / f"ts{i}.npy"), expected, atol=1e-4, rtol=0)
+    extra = {"dance.json": ""}
+    torch.jit.load(str(ts_path), _extra_files=extra)
+    meta = json.loads(extra["dance.json"])
+    assert meta["dance.model"] == "pspnet_r18" and "dance.classes" not in meta  # none given
 
 
 def test_unknown_format_is_a_clear_error(tmp_path):

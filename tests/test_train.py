@@ -98,6 +98,13 @@ def test_onnx_export_of_slimmed_run_matches_load_model(runs, tmp_path):
             ref = model(x).numpy()
         got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
         np.testing.assert_allclose(got, ref, atol=1e-4)
+    # what a deployment needs besides the weights travels in the file
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["dance.classes"])[:3] == ["road", "sidewalk", "building"]
+    assert meta["dance.model"] == "deeplabv3plus_mbv2" and "[0, 1]" in meta["dance.input"]
+    assert json.loads(meta["dance.mean"]) == [0.485, 0.456, 0.406]
+    shape = sess.get_outputs()[0].shape
+    assert shape == ["batch", 19, "height", "width"] and sess.get_inputs()[0].shape[2] == "height"
 
 
 @pytest.mark.slow  # CI: tests/test_faults.py kills and resumes a smaller run at chosen points

@@ -253,6 +253,12 @@ def _read_class_names(root: Path) -> list[str]:
     return names
 
 
+def layout_class_names(name: str) -> list[str] | None:
+    """The train classes of a built-in layout, in train-id order; None for ``folder``, whose
+    names live in each dataset's classes.json."""
+    return None if name not in _LAYOUTS or name == "folder" else _class_table(name, Path("."))[0]
+
+
 def _class_table(name: str, root: Path) -> tuple[list[str], dict[int, int]]:
     """Train class names and {raw mask value: train id} of a layout."""
     if name in ("cityscapes", "synth"):

@@ -75,9 +75,20 @@ def cli_eval(args) -> int:
     return 0
 
 
+def _class_names(state: dict) -> list[str] | None:
+    """The train classes' names of a checkpoint: saved with it, or (checkpoints written before
+    they were) the table of its dataset layout; None when neither is known."""
+    if isinstance(state.get("classes"), list):
+        return [str(c) for c in state["classes"]]
+    from dance.data.datasets import layout_class_names
+    names = layout_class_names(state.get("config", {}).get("dataset", {}).get("name"))
+    return names if names and len(names) == state["arch"]["num_classes"] else None
+
+
 def cli_export(args) -> int:
     from dance.network.export import export
+    state, _ = ckpt.read_state(args.checkpoint)
     model = ckpt.load_model(args.checkpoint)
-    path = export(model, args.out, format=args.format)
+    path = export(model, args.out, format=args.format, class_names=_class_names(state))
     print(f"exported {model.dance_arch.name} ({args.format}) -> {path}")
     return 0

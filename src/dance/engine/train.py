@@ -172,6 +172,7 @@ class Run:
     meter: EnergyMeter | None = None
     tb: _Tensorboard | None = None
     fingerprint: dict = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)  # train ids' names, into checkpoints
     horizon: float = 0.0  # epochs the run trains (`budget_horizon`)
     # the architecture the run started with, on the meta device: the data plan's cost is priced
     # on it, so network slimming's saving is not spent on more data (docs/method.md#cost-accounting)
@@ -660,7 +661,7 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
                show=progress and rt.is_main, meter=EnergyMeter(rt.device),
                timer=PhaseTimer(rt.device if tc.profile else None),
                tb=_Tensorboard(out_dir / "tensorboard") if rt.is_main else None,
-               fingerprint=fingerprint)
+               fingerprint=fingerprint, class_names=list(train_ds.class_names))
 
 
 def probe_batches(data: PlannedDataset, n_images: int, batch_size: int, seed: int):
@@ -743,7 +744,7 @@ def last_good(ckpt_dir: Path) -> str:
 def save_run_checkpoint(run: Run, state: TrainState) -> None:
     ckpt.save_checkpoint(run.ckpt_dir, run.model, {
         "config": run.cfg.to_dict(), "fingerprint": run.fingerprint,
-        "train_state": state.to_json(),
+        "classes": run.class_names, "train_state": state.to_json(),
         "slimmer": run.slimmer.state_dict() if run.slimmer is not None else None,
     }, run.optimizer)
 
