@@ -239,3 +239,14 @@ def test_files_get_the_users_umask_and_rewrites_keep_their_mode(tmp_path, monkey
     os.chmod(tmp_path / "report.md", 0o640)
     atomic_write_bytes(tmp_path / "report.md", b"y")
     assert os.stat(tmp_path / "report.md").st_mode & 0o777 == 0o640
+
+
+def test_the_weights_file_loads_with_safetensors_alone(tmp_path, model):
+    from safetensors.torch import load_file
+    folder = save(tmp_path / "checkpoint", model, optimizer_free=True)
+    fresh = build_model("deeplabv3plus_mbv2", 4, width_mult=0.35, aspp_channels=8,
+                        decoder_channels=8)
+    fresh.load_state_dict(load_file(folder / "model.safetensors"))  # strict: the same names
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    assert "rng/torch" in load_file(folder / "trainer.safetensors")

@@ -105,12 +105,13 @@ def one_line_error(capsys, rc: int) -> str:
 
 def damaged_copies(reference: Path, rng: random.Random, n: int):
     """``n`` (file name, description, damage) triples: truncations at the edges and at random
-    lengths, and single bit flips at random offsets, of the weights and of state.json."""
+    lengths, and single bit flips at random offsets, of the weights, of the trainer state and
+    of state.json."""
     for i in range(n):
-        name = ("model.safetensors", "state.json")[i % 2]
+        name = ("model.safetensors", "state.json", "trainer.safetensors")[i % 3]
         size = (reference / "checkpoint" / name).stat().st_size
-        if i < 8:
-            cut = (0, 1, 8, size - 2)[i // 2]  # (the last byte of state.json is "\n")
+        if i < 12:
+            cut = (0, 1, 8, size - 2)[i // 3]  # (the last byte of state.json is "\n")
             yield name, f"truncated to {cut} bytes", lambda b, cut=cut: b[:cut]
         elif i % 4 < 2:
             cut = rng.randrange(size)

@@ -177,7 +177,7 @@ def test_nan_weights_at_an_epoch_end_keep_the_previous_checkpoint(config, tmp_pa
     assert dance_train(config, out, "train.epochs=2") == 1
     err = stderr_lines(capsys)
     assert len(err) == 1 and "non-finite" in err[0] and "after epoch 1) is intact" in err[0], err
-    assert set(snapshot) == {"model.safetensors", "state.json"}
+    assert set(snapshot) == {"model.safetensors", "trainer.safetensors", "state.json"}
     for name, data in snapshot.items():
         assert (out / "checkpoint" / name).read_bytes() == data, name
     assert not (out / "checkpoint.new").exists() and not (out / "metrics.json").exists()

@@ -27,17 +27,19 @@ from dance.faults import fault_point
 from dance.fileio import atomic_write_json, fsync_dir, write_file_synced
 from dance.network.registry import Architecture, architecture, check_options
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "model.safetensors"  # the weights alone: safetensors.torch.load_file + load_state_dict
+TRAINER_FILE = "trainer.safetensors"  # what only a resume needs: optimizer state, RNG states
 STATE_FILE = "state.json"
+_FILES = (MODEL_FILE, TRAINER_FILE)
 CHECKPOINT = "checkpoint"  # the folder's name inside a run folder
-# state.json's "integrity": the SHA-256 of the weights file and of the rest of state.json, so a
+# state.json's "integrity": the SHA-256 of both tensor files and of the rest of state.json, so a
 # truncated, bit-flipped or hand-edited checkpoint is an error naming the file, never a silent load
 INTEGRITY = "integrity"
 
 
 def _complete(folder: Path) -> bool:
-    # state.json is written (atomically) after the weights, so its presence means complete
-    return (folder / STATE_FILE).is_file() and (folder / MODEL_FILE).is_file()
+    # state.json is written (atomically) after the tensors, so its presence means complete
+    return all((folder / f).is_file() for f in (STATE_FILE, *_FILES))
 
 
 def _real(folder: Path) -> Path:
@@ -117,23 +119,25 @@ def save_checkpoint(folder: str | Path, model: nn.Module, state: dict[str, Any],
     full) is a one-line WriteError naming the file, and the previous checkpoint is untouched."""
     folder = _real(Path(folder))
     model = unwrap_model(model)
-    tensors = {f"model/{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     state = dict(state)
     state["arch"] = architecture(model).to_json()
+    trainer = rng_tensors()
     if optimizer is not None:
         opt_tensors, opt_state = _optimizer_to_flat(optimizer, model)
-        tensors.update(opt_tensors)
+        trainer.update(opt_tensors)
         state["optimizer"] = opt_state
-    tensors.update(rng_tensors())
-    blob = save_safetensors(tensors, metadata={"format": "dance-checkpoint"})
+    blobs = {MODEL_FILE: save_safetensors(weights, metadata={"format": "dance-weights"}),
+             TRAINER_FILE: save_safetensors(trainer, metadata={"format": "dance-trainer"})}
     state = json.loads(json.dumps(state))  # as it will read back (tuples as lists)
-    state[INTEGRITY] = {MODEL_FILE: hashlib.sha256(blob).hexdigest(),
+    state[INTEGRITY] = {**{f: hashlib.sha256(b).hexdigest() for f, b in blobs.items()},
                         STATE_FILE: hashlib.sha256(_canonical(state)).hexdigest()}
     tmp = folder.with_name(folder.name + ".new")
     try:
         _remove(tmp)
         tmp.mkdir(parents=True)
-        write_file_synced(tmp / MODEL_FILE, blob)
+        for name, blob in blobs.items():
+            write_file_synced(tmp / name, blob)
         fault_point("checkpoint-weights")
         atomic_write_json(tmp / STATE_FILE, state)
         fsync_dir(tmp)
@@ -222,7 +226,7 @@ def read_state(path: str | Path) -> tuple[dict, Path]:
         raise DanceError(f"{file}: cannot read the checkpoint state ({e.strerror})") from None
     digests = state.pop(INTEGRITY, None) if isinstance(state, dict) else None
     if not isinstance(digests, dict) or not all(
-            isinstance(digests.get(k), str) for k in (MODEL_FILE, STATE_FILE)):
+            isinstance(digests.get(k), str) for k in (*_FILES, STATE_FILE)):
         raise DanceError(f"{file}: not a dance checkpoint, or one without checksums (damaged, "
                          "or written by dance before 0.2)")
     if hashlib.sha256(_canonical(state)).hexdigest() != digests[STATE_FILE]:
@@ -232,22 +236,31 @@ def read_state(path: str | Path) -> tuple[dict, Path]:
     return state, folder
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
-    """The tensors and state of a run or checkpoint folder, both checksums verified and the
-    architecture checked, so what reaches the model builder is what was saved."""
-    state, folder = read_state(path)
-    file = folder / MODEL_FILE
+def _read_tensors(folder: Path, name: str, digest: str) -> dict[str, torch.Tensor]:
+    file = folder / name
     try:
         blob = file.read_bytes()
     except OSError as e:
-        raise DanceError(f"{file}: cannot read the checkpoint weights ({e.strerror})") from None
-    if hashlib.sha256(blob).hexdigest() != state[INTEGRITY][MODEL_FILE]:
-        raise DanceError(f"{file}: checksum mismatch: the weights file is truncated or damaged "
+        raise DanceError(f"{file}: cannot read the checkpoint's tensors ({e.strerror})") from None
+    if hashlib.sha256(blob).hexdigest() != digest:
+        raise DanceError(f"{file}: checksum mismatch: the file is truncated or damaged "
                          f"({len(blob):,} bytes)")
     try:
-        tensors = load_safetensors(blob)
+        return load_safetensors(blob)
     except (SafetensorError, OSError, ValueError) as e:
-        raise DanceError(f"{file}: corrupt checkpoint weights ({e})") from None
+        raise DanceError(f"{file}: corrupt checkpoint tensors ({e})") from None
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """The tensors and state of a run or checkpoint folder, every checksum verified and the
+    architecture checked, so what reaches the model builder is what was saved. The tensors
+    come as one dict: the weights under ``model/``, then ``optim/`` and ``rng/``."""
+    state, folder = read_state(path)
+    digests = state[INTEGRITY]
+    tensors = {f"model/{k}": v for k, v in
+               _read_tensors(folder, MODEL_FILE, digests[MODEL_FILE]).items()}
+    tensors.update(_read_tensors(folder, TRAINER_FILE, digests[TRAINER_FILE]))
+    file = folder / TRAINER_FILE
     source = str(folder / STATE_FILE)
     if "arch" not in state:
         raise DanceError(f"{source}: not a dance checkpoint (no architecture)")
