@@ -276,3 +276,32 @@ def test_a_run_keeps_a_plain_text_log_with_one_line_per_epoch(runs):
     assert lines[2].endswith(f"finished: mIoU {plain['miou']:.2f}, training FLOPs "
                              f"{plain['realised_cost']:.3f} of the plain run's, "
                              f"{plain['train_seconds']:.1f} s")
+
+
+def test_predict_writes_label_pngs_and_overlays_for_a_folder(runs, synth, tmp_path, capsys):
+    from PIL import Image
+
+    from dance.data.io import read_image
+    base, _, _ = runs
+    images = synth / "leftImg8bit" / "val"
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(base / "dance"), "--images", str(images),
+                 "--out", str(out), "--quiet"]) == 0
+    assert "segmented 6 images" in capsys.readouterr().out
+    first = sorted(images.rglob("*.png"))[0]
+    rel = first.relative_to(images).with_suffix("")
+    labels = np.asarray(Image.open(out / f"{rel}.png"))
+    image = read_image(first)
+    model = dance.load_model(base / "dance")
+    with torch.no_grad():
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+        expected = model(x).argmax(1)[0].numpy()
+    assert labels.dtype == np.uint8 and (labels == expected).all()
+    overlay = np.asarray(Image.open(out / f"{rel}_overlay.png"))
+    assert overlay.shape[1:] == image.shape[1:] and overlay.shape[0] > image.shape[0]  # legend
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"not a png")
+    rc = main(["predict", "--checkpoint", str(base / "dance"), "--images", str(tmp_path / "bad"),
+               "--out", str(tmp_path / "p2"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and str(tmp_path / "bad" / "x.png") in err[0]

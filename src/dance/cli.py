@@ -279,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = command("predict", "dance.engine.inference:cli_predict",
+                "segment a folder of images with a trained run: label PNGs and colour overlays")
+    p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    p.add_argument("--images", required=True, help="folder of images (searched at any depth)")
+    p.add_argument("--out", required=True, help="output folder (mirrors the images' folders)")
+    p.add_argument("--adaptive-resolution", action="store_true",
+                   help="complexity-guided input resolution: simpler images at lower resolution")
+    p.add_argument("--mode", choices=("whole", "slide"), default=None,
+                   help="whole-image or sliding-window inference (default: as trained)")
+    p.add_argument("--crop", type=_size, default=None, help="sliding-window size HxW")
+    p.add_argument("--device", type=_device, default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = command("export", "dance.engine.inference:cli_export",
                 "export a trained (slimmed) model to ONNX or TorchScript")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -251,6 +251,22 @@ def _read_class_names(root: Path) -> list[str]:
     if len(set(names)) != len(names):
         raise DanceError(f"{path}: class names repeat")
     return names
+
+
+def class_colors(class_names: Sequence[str]) -> np.ndarray:
+    """An RGB colour per class (``C x 3`` uint8): the official Cityscapes colours (from
+    torchvision's table) for classes named as Cityscapes' are, else well-spread distinct hues
+    (golden-ratio steps round the colour wheel), the same for the same class count."""
+    import colorsys
+
+    from torchvision.datasets import Cityscapes
+    official = {c.name: c.color for c in Cityscapes.classes}
+    if all(n in official for n in class_names):
+        return np.array([official[n] for n in class_names], dtype=np.uint8)
+    hues = [(0.07 + 0.618034 * i) % 1.0 for i in range(len(class_names))]
+    rgb = [colorsys.hsv_to_rgb(h, 0.65 if i % 2 else 0.9, 0.95 if i % 3 else 0.75)
+           for i, h in enumerate(hues)]
+    return (np.array(rgb) * 255).round().astype(np.uint8)
 
 
 def layout_class_names(name: str) -> list[str] | None:

@@ -76,7 +76,13 @@ def _checkpoint_dir(path: str | Path) -> Path:
         return found
     if not p.exists():
         raise DanceError(f"{p}: checkpoint not found")
-    raise DanceError(f"{p}: not a run or checkpoint folder (no {MODEL_FILE} + {STATE_FILE})")
+    old = next((c for c in (p, p / CHECKPOINT) if (c / MODEL_FILE).is_file()
+                and (c / STATE_FILE).is_file()), None)
+    if old is not None:
+        raise DanceError(f"{old}: a checkpoint of dance 0.1 (no {TRAINER_FILE}, no checksums); "
+                         "this version cannot load it")
+    raise DanceError(f"{p}: not a run or checkpoint folder (no {MODEL_FILE}, {TRAINER_FILE} "
+                     f"and {STATE_FILE})")
 
 
 def _remove(path: Path) -> None:

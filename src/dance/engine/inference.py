@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dance.data.datasets import open_dataset
 from dance.engine import checkpoint as ckpt
@@ -91,4 +92,118 @@ def cli_export(args) -> int:
     model = ckpt.load_model(args.checkpoint)
     path = export(model, args.out, format=args.format, class_names=_class_names(state))
     print(f"exported {model.dance_arch.name} ({args.format}) -> {path}")
+    return 0
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The images under ``folder`` (any depth, by suffix, dotfiles left out), sorted."""
+    if not folder.is_dir():
+        raise DanceError(f"{folder}: images folder not found")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower()
+                   in IMAGE_SUFFIXES and not any(part.startswith(".") for part in
+                                                 p.relative_to(folder).parts))
+    if not files:
+        raise DanceError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+    return files
+
+
+def overlay_with_legend(image: np.ndarray, labels: np.ndarray, colors: np.ndarray,
+                        names: list[str], alpha: float = 0.5) -> np.ndarray:
+    """``image`` blended with the colour of each pixel's class, and below it a legend of the
+    classes present (swatch and name), most pixels first."""
+    from PIL import Image, ImageDraw
+    valid = labels < len(colors)
+    blend = image.astype(np.float32)
+    blend[valid] = (1 - alpha) * blend[valid] + alpha * colors[labels[valid]]
+    present = np.bincount(labels[valid].ravel(), minlength=len(colors))
+    shown = [int(c) for c in np.argsort(-present) if present[c] > 0]
+    h, w = labels.shape
+    row, per_row = 16, max(1, w // 120)
+    legend = Image.new("RGB", (w, row * (-(-len(shown) // per_row)) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    for k, c in enumerate(shown):
+        x, y = (k % per_row) * (w // per_row) + 4, (k // per_row) * row + 3
+        draw.rectangle([x, y, x + 11, y + 11], fill=tuple(int(v) for v in colors[c]))
+        draw.text((x + 15, y), names[c], fill=(0, 0, 0))
+    return np.concatenate([blend.round().astype(np.uint8), np.asarray(legend)], axis=0)
+
+
+def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path,
+                   adaptive_resolution: bool = False, device: str = "auto",
+                   mode: str | None = None, crop: tuple[int, int] | None = None,
+                   progress: bool = True) -> dict:
+    """Segment every image under ``images`` with a trained run: ``OUT/REL.png`` holds each
+    pixel's train id (uint8; uint16 beyond 255 classes), ``OUT/REL_overlay.png`` the image
+    with its classes' colours and a legend, REL being the image's path under ``images``
+    without its suffix. Returns a summary (counts, and the scales used with
+    ``adaptive_resolution``)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    from dance.data.datasets import class_colors
+    from dance.data.io import read_image
+    from dance.engine.evaluate import _inference, _predict
+    from dance.fileio import atomic_write_bytes
+    images, out = Path(images), Path(out)
+    files = _image_files(images)
+    tensors, state, folder = ckpt.read_checkpoint(checkpoint)
+    model = ckpt.build_from_arch(state["arch"], str(folder / ckpt.STATE_FILE))
+    ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
+    dev = pick_device(device)
+    model.to(dev).eval()
+    num_classes = state["arch"]["num_classes"]
+    names = _class_names(state) or [f"class {i}" for i in range(num_classes)]
+    colors = class_colors(names)
+    train_cfg = state.get("config", {}).get("train", {})
+    mode = mode or train_cfg.get("eval_mode", "whole")
+    crop = tuple(crop or train_cfg.get("eval_crop") or train_cfg.get("crop") or (512, 1024))
+    stride = (max(1, -(-crop[0] * 2 // 3)), max(1, -(-crop[1] * 2 // 3)))
+    policy = _adaptive_policy(state, folder) if adaptive_resolution else None
+    scales: dict[str, int] = {}
+
+    def png(array: np.ndarray) -> bytes:
+        import io
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, "PNG")
+        return buf.getvalue()
+
+    with _inference(model) as net:
+        for f in tqdm(files, desc="predict", unit="img", disable=None if progress else True):
+            image = read_image(f)
+            x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]
+            x = x.to(dev, torch.float32).div_(255.0)
+            h, w = x.shape[-2:]
+            scale = float(policy(image)) if policy is not None else 1.0
+            scales[f"{scale:g}"] = scales.get(f"{scale:g}", 0) + 1
+            if scale != 1.0:
+                x = torch.nn.functional.interpolate(
+                    x, size=(max(1, round(h * scale)), max(1, round(w * scale))),
+                    mode="bilinear", align_corners=False, antialias=True)
+            with torch.no_grad():
+                logits, _, _ = _predict(net, x, mode, crop, stride)
+            if logits.shape[-2:] != (h, w):
+                logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
+                                                         align_corners=False)
+            labels = logits.argmax(1)[0].cpu().numpy()
+            labels = labels.astype(np.uint8 if num_classes <= 255 else np.uint16)
+            rel = f.relative_to(images).with_suffix("")
+            atomic_write_bytes(out / f"{rel}.png", png(labels))
+            atomic_write_bytes(out / f"{rel}_overlay.png",
+                               png(overlay_with_legend(image, labels, colors, names)))
+    result = {"images": len(files), "out": str(out), "classes": names, "mode": mode,
+              "checkpoint": str(folder)}
+    if policy is not None:
+        result["scales"] = dict(sorted(scales.items()))
+    return result
+
+
+def cli_predict(args) -> int:
+    res = predict_folder(args.checkpoint, args.images, args.out, args.adaptive_resolution,
+                         args.device, args.mode, args.crop, progress=not args.quiet)
+    extra = f", scales {res['scales']}" if "scales" in res else ""
+    print(f"segmented {res['images']} images -> {res['out']} (NAME.png: train ids; "
+          f"NAME_overlay.png: colours and legend){extra}")
     return 0
