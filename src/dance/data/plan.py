@@ -696,6 +696,21 @@ def _table(p: DataSlimmingPlan) -> str:
     return "\n".join(lines)
 
 
+def plan_for_policy(ds, budget: float, ids: Sequence[str], scores: np.ndarray | None = None,
+                    seed: int = 0) -> DataSlimmingPlan:
+    """The plan of a ``data_slimming`` config section ``ds`` (its policy and options) at
+    ``budget``: what `dance train` trains with and `dance plan` shows. ``scores`` (in ``ids``
+    order) are needed by the complexity-guided policies, dance and shuffled."""
+    if ds.policy == "uniform":
+        return uniform_plan(ids, budget)
+    if ds.policy == "progressive":
+        return progressive_plan(ids, budget, final_full=ds.final_full)
+    p = plan(scores, budget, ids, schedule=ds.schedule, drop=ds.drop, downsample=ds.downsample,
+             weighting=ds.weighting, keep_floor=ds.keep_floor,
+             scales_per_epoch=ds.scales_per_epoch, final_full=ds.final_full)
+    return p.shuffled(seed) if ds.policy == "shuffled" else p
+
+
 def cli_plan(args) -> int:
     """``dance plan --scores FILE --budget B [--indicator I] [--json]``."""
     budget = check_budget(args.budget)  # before reading anything

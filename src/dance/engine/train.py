@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dance.data.datasets import SegmentationDataset, open_dataset
 from dance.data.loader import PlannedDataset, collate_planned, raise_batch_errors
-from dance.data.plan import DataSlimmingPlan, Hardness, plan, progressive_plan, uniform_plan
+from dance.data.plan import DataSlimmingPlan, Hardness, plan, plan_for_policy
 from dance.data.sampler import BucketedBatchSampler
 from dance.data.transforms import TrainTransform, scaled_crop
 from dance.engine import checkpoint as ckpt
@@ -430,20 +430,12 @@ def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: 
     ds = cfg.data_slimming
     if not ds.enabled:
         return plan(np.zeros(len(ids)), 1.0, ids)
-    budget = data_budget(cfg)
-    if ds.policy == "uniform":
-        return uniform_plan(ids, budget)
-    if ds.policy == "progressive":
-        return progressive_plan(ids, budget, final_full=ds.final_full)
-    from dance.data.scoring import score_dataset
-    rows = score_dataset(train_ds, (ds.indicator,), cache_path=score_cache, progress=progress)
-    scores = np.array([r.score for r in rows], dtype=np.float64)
-    p = plan(scores, budget, ids, schedule=ds.schedule, drop=ds.drop,
-             downsample=ds.downsample, weighting=ds.weighting, keep_floor=ds.keep_floor,
-             scales_per_epoch=ds.scales_per_epoch, final_full=ds.final_full)
-    if ds.policy == "shuffled":
-        p = p.shuffled(cfg.train.seed)
-    return p
+    scores = None
+    if ds.policy in ("dance", "shuffled"):
+        from dance.data.scoring import score_dataset
+        rows = score_dataset(train_ds, (ds.indicator,), cache_path=score_cache, progress=progress)
+        scores = np.array([r.score for r in rows], dtype=np.float64)
+    return plan_for_policy(ds, data_budget(cfg), ids, scores, cfg.train.seed)
 
 
 def shared_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, out_dir: Path,
