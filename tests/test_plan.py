@@ -281,3 +281,24 @@ def test_final_full_ends_the_schedule_at_full_scale_on_the_same_budget():
         plan(scores, 0.5, final_full=0.2)
     with pytest.raises(DanceError, match="cannot pay"):
         progressive_scales(0.1, 4, final_full=0.5)
+
+
+def test_cli_plans_as_training_does_and_writes_the_plan(tmp_path, capsys):
+    """dance plan shows the plan dance train starts from: the same data_slimming settings
+    (defaults: progressive, no drops, one scale per epoch), or a config's."""
+    from dance.data.plan import plan_for_policy
+    from dance.data.scoring import read_scores_csv
+    from dance.engine.config import load_config
+    csv = _scores_csv(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--scores", str(csv), "--budget", "0.5", "--out", str(out)]) == 0
+    assert "schedule progressive" in capsys.readouterr().out
+    ids, scores = read_scores_csv(csv)
+    expected = plan_for_policy(load_config(None).data_slimming, 0.5, ids, scores)
+    assert DataSlimmingPlan.from_json(json.loads(out.read_text())) == expected
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data_slimming: {schedule: static, drop: true, scales_per_epoch: 0}\n")
+    assert main(["plan", "--scores", str(csv), "--budget", "0.5", "--config", str(cfg),
+                 "--json"]) == 0
+    static = json.loads(capsys.readouterr().out)
+    assert static["schedule"] == "static" and static["keep_min"] < 1.0

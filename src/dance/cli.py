@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", required=True, help="CSV written by `dance score`")
     p.add_argument("--budget", required=True, help="training compute as a fraction of a plain run")
     p.add_argument("--indicator", default=None, help="which indicator of the CSV (default: first)")
+    p.add_argument("--config", default=None,
+                   help="take the data_slimming settings (policy, schedule, drop...) of this "
+                        "config file or ready config (default: those dance train uses)")
+    p.add_argument("--out", default=None, help="also write the plan as JSON to this file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = command("configs", "dance.engine.config:cli_configs",

@@ -712,13 +712,20 @@ def plan_for_policy(ds, budget: float, ids: Sequence[str], scores: np.ndarray | 
 
 
 def cli_plan(args) -> int:
-    """``dance plan --scores FILE --budget B [--indicator I] [--json]``."""
+    """``dance plan --scores FILE --budget B [--config C] [--indicator I] [--out F] [--json]``:
+    the plan `dance train` would start from, with its data_slimming settings (the config's, or
+    the defaults)."""
     budget = check_budget(args.budget)  # before reading anything
     from dance.data.scoring import read_scores_csv
+    from dance.engine.config import load_config
+    cfg = load_config(args.config)  # no file: the defaults dance train uses
     ids, scores = read_scores_csv(args.scores, args.indicator)
-    p = plan(scores, budget, ids)
+    p = plan_for_policy(cfg.data_slimming, budget, ids, scores, cfg.train.seed)
+    if args.out:
+        from dance.fileio import atomic_write_json
+        atomic_write_json(args.out, p.to_json())
     if args.json:
         print(json.dumps(p.to_json()))
     else:
-        print(_table(p))
+        print(_table(p) + (f"\n-> {args.out}" if args.out else ""))
     return 0
