@@ -258,9 +258,10 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-class _Loader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (YAML would keep the
-    last one silently, so a config could say ``epochs`` twice and mean either)."""
+class _UniqueKeySafeLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader (plain data only: no tags that build Python objects) that also
+    refuses a key given twice in one mapping (YAML would keep the last one silently, so a
+    config could say ``epochs`` twice and mean either)."""
 
     def construct_mapping(self, node, deep=False):
         seen: set = set()
@@ -275,6 +276,16 @@ class _Loader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(
                     None, None, f"found the key {key!r} twice in one mapping", key_node.start_mark)
         return super().construct_mapping(node, deep)
+
+
+def _safe_load(text: str) -> Any:
+    """``text`` parsed by ``_UniqueKeySafeLoader``: ``yaml.safe_load`` with duplicate keys
+    refused (what ``yaml.safe_load`` does, with this loader)."""
+    loader = _UniqueKeySafeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _too_many_values(obj: Any, limit: int) -> bool:
@@ -310,7 +321,7 @@ def _load_yaml_text(path: Path) -> Any:
         raise DanceError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
                          f"{e.start}); a config is a YAML text file") from None
     try:
-        data = yaml.load(text, Loader=_Loader)
+        data = _safe_load(text)
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
@@ -353,7 +364,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(parts) < 2 or not all(parts):
         raise DanceError(f"override {text!r}: key must be dotted, like train.epochs")
     try:
-        parsed = yaml.load(value, Loader=_Loader) if value.strip() else None
+        parsed = _safe_load(value) if value.strip() else None
     except (yaml.YAMLError, RecursionError):
         parsed = value
     if _too_many_values(parsed, MAX_CONFIG_VALUES):
