@@ -8,6 +8,10 @@ import pytest  # noqa: E402
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: one thread each
+    # the environment too, so a `python -m dance` a test starts computes with the same thread
+    # count as the runs trained in this process (threads change float sums: resume tests
+    # compare the two)
+    os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     torch.set_num_threads(1)
 
