@@ -162,6 +162,14 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return h, w
 
 
+def png_bytes(array: np.ndarray, compress_level: int = 6) -> bytes:
+    """``array`` (HxW or HxWx3, uint8 or uint16) encoded as a PNG file's bytes."""
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
 def file_key(path: str | os.PathLike) -> tuple[str, tuple[int, int, int]]:
     """Cache key of a file: its resolved path, and a stamp of its size in bytes, mtime and ctime
     in nanoseconds. The ctime catches a file replaced with its size and mtime kept (``cp -p``,

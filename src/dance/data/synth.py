@@ -16,7 +16,6 @@ byte-identical files whatever the number of worker processes.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dance.data.io import png_bytes
 from dance.errors import DanceError
 from dance.fileio import atomic_write_bytes, atomic_write_json
 from dance.parallel import parallel_map
@@ -637,9 +637,7 @@ def render_scene(rng: np.random.Generator, complexity: float, size: tuple[int, i
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buf.getvalue()
+    return png_bytes(array, compress_level=PNG_COMPRESS_LEVEL)
 
 
 def render_sample(seed: int, split: str, index: int, size: tuple[int, int],

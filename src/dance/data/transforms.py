@@ -61,6 +61,12 @@ def _float_image(img: torch.Tensor) -> torch.Tensor:
     return img.as_subclass(torch.Tensor).to(torch.float32).div_(255.0).contiguous()
 
 
+def image_tensor(image: np.ndarray) -> torch.Tensor:
+    """An ``H x W x 3`` uint8 RGB array as the models take it: float32 3xHxW in [0, 1]."""
+    _check_image(image)
+    return _float_image(_image_tensor(image))
+
+
 def _finish(img: torch.Tensor, msk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 3xHxW -> float32 [0, 1]; 1xHxW mask -> int64 HxW (plain tensors)."""
     return _float_image(img), msk.as_subclass(torch.Tensor)[0].to(torch.int64)

@@ -308,9 +308,15 @@ def load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], source: Pat
     model.load_state_dict(weights)
 
 
-def load_model(checkpoint: str | Path) -> nn.Module:
-    """The slimmed architecture of a run or checkpoint folder with its weights, in eval mode."""
+def open_checkpoint(checkpoint: str | Path) -> tuple[nn.Module, dict, Path]:
+    """The slimmed model of a run or checkpoint folder with its weights, in eval mode; its
+    ``state.json``; and the checkpoint folder it came from. One read of each file."""
     tensors, state, folder = read_checkpoint(checkpoint)
     model = build_from_arch(state["arch"], str(folder / STATE_FILE))
     load_weights(model, tensors, folder / MODEL_FILE)
-    return model.eval()
+    return model.eval(), state, folder
+
+
+def load_model(checkpoint: str | Path) -> nn.Module:
+    """The slimmed architecture of a run or checkpoint folder with its weights, in eval mode."""
+    return open_checkpoint(checkpoint)[0]

@@ -101,6 +101,30 @@ def _predict(net: nn.Module, x: torch.Tensor, mode: str, crop: tuple[int, int] |
     return _slide_logits(net, x, crop, stride)
 
 
+def default_stride(crop: tuple[int, int]) -> tuple[int, int]:
+    """Sliding windows every two thirds of the crop, as mmsegmentation does."""
+    return max(1, math.ceil(crop[0] * 2 / 3)), max(1, math.ceil(crop[1] * 2 / 3))
+
+
+def infer_image(net: nn.Module, x: torch.Tensor, mode: str, crop: tuple[int, int] | None,
+                stride: tuple[int, int] | None, scale: float = 1.0, what: str = "the image"
+                ) -> tuple[torch.Tensor, int, tuple[int, int]]:
+    """Logits of one image ``x`` (1x3xHxW) at its own size: run at ``scale`` (bilinear,
+    antialiased) whole or by windows, then upsampled back; also the number of forward windows
+    and their shape."""
+    if scale <= 0:
+        raise DanceError(f"resolution policy gave scale {scale} for {what}; "
+                         "scales must be positive")
+    h, w = x.shape[-2:]
+    if scale != 1.0:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    logits, windows, window = _predict(net, x, mode, crop, stride)
+    if logits.shape[-2:] != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits, windows, window
+
+
 def evaluate(model: nn.Module, dataset, device: str | torch.device = "cpu", mode: str = "whole",
              crop: int | Sequence[int] | None = None, stride: int | Sequence[int] | None = None,
              amp: bool = False, progress: bool = True, rank: int = 0, world_size: int = 1,
@@ -126,8 +150,7 @@ def evaluate(model: nn.Module, dataset, device: str | torch.device = "cpu", mode
         if crop is None:
             raise DanceError("sliding-window evaluation needs a crop size")
         crop = _pair(crop, "crop")
-        stride = _pair(stride, "stride") if stride is not None else \
-            (max(1, math.ceil(crop[0] * 2 / 3)), max(1, math.ceil(crop[1] * 2 / 3)))
+        stride = _pair(stride, "stride") if stride is not None else default_stride(crop)
     device = torch.device(device)
     model.to(device)
     transform = EvalTransform()
@@ -141,21 +164,12 @@ def evaluate(model: nn.Module, dataset, device: str | torch.device = "cpu", mode
             image, mask = dataset.load(i)
             x, target = transform(image, mask)
             x = x.unsqueeze(0).to(device)
-            h, w = x.shape[-2:]
             scale = float(resolution(image)) if resolution is not None else 1.0
-            if scale <= 0:
-                raise DanceError(f"resolution policy gave scale {scale} for image {i}; "
-                                 "scales must be positive")
-            if scale != 1.0:
-                size = (max(1, round(h * scale)), max(1, round(w * scale)))
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False,
-                                  antialias=True)
             with autocast(device, amp):
-                logits, windows, (th, tw) = _predict(net, x, mode, crop, stride)
+                logits, windows, (th, tw) = infer_image(net, x, mode, crop, stride, scale,
+                                                        f"image {i}")
             if resolution is not None:  # a plain evaluation does not pay for counting
                 gflops.append(windows * count_gflops(net, (1, 3, th, tw)))
-            if logits.shape[-2:] != (h, w):
-                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
             cm.update(logits.argmax(1), target.unsqueeze(0).to(device))
             scales.append(scale)
     if world_size > 1:

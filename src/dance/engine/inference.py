@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dance.data.datasets import open_dataset
 from dance.engine import checkpoint as ckpt
@@ -15,22 +15,28 @@ from dance.engine.runtime import pick_device
 from dance.errors import DanceError
 
 
+def inference_settings(state: dict, mode: str | None, crop: tuple[int, int] | None
+                       ) -> tuple[str, tuple[int, int]]:
+    """Evaluation mode and window size: those given, else the run's own (``train.eval_mode``,
+    ``train.eval_crop``, else its training crop)."""
+    train_cfg = state.get("config", {}).get("train", {})
+    mode = mode or train_cfg.get("eval_mode", "whole")
+    crop = crop or train_cfg.get("eval_crop") or train_cfg.get("crop") or (512, 1024)
+    return mode, tuple(crop)
+
+
 def eval_checkpoint(checkpoint: str | Path, dataset: str, root: str, split: str = "val",
                     mode: str | None = None, crop: tuple[int, int] | None = None,
                     adaptive_resolution: bool = False, device: str = "auto",
                     progress: bool = True) -> dict:
-    tensors, state, folder = ckpt.read_checkpoint(checkpoint)
-    model = ckpt.build_from_arch(state["arch"], str(folder / ckpt.STATE_FILE))
-    ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
+    model, state, folder = ckpt.open_checkpoint(checkpoint)
     dev = pick_device(device)
-    model.to(dev).eval()
+    model.to(dev)
     ds = open_dataset(dataset, root, split)
     if ds.num_classes != state["arch"]["num_classes"]:
         raise DanceError(f"{folder}: model predicts {state['arch']['num_classes']} classes, "
                          f"dataset {dataset} has {ds.num_classes}")
-    train_cfg = state.get("config", {}).get("train", {})
-    mode = mode or train_cfg.get("eval_mode", "whole")
-    crop = crop or tuple(train_cfg.get("eval_crop") or train_cfg.get("crop") or (512, 1024))
+    mode, crop = inference_settings(state, mode, crop)
     resolution = None
     if adaptive_resolution:
         resolution = _adaptive_policy(state, folder)
@@ -88,8 +94,7 @@ def _class_names(state: dict) -> list[str] | None:
 
 def cli_export(args) -> int:
     from dance.network.export import export
-    state, _ = ckpt.read_state(args.checkpoint)
-    model = ckpt.load_model(args.checkpoint)
+    model, state, _ = ckpt.open_checkpoint(args.checkpoint)
     path = export(model, args.out, format=args.format, class_names=_class_names(state))
     print(f"exported {model.dance_arch.name} ({args.format}) -> {path}")
     return 0
@@ -140,63 +145,41 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out: str | Path,
     with its classes' colours and a legend, REL being the image's path under ``images``
     without its suffix. Returns a summary (counts, and the scales used with
     ``adaptive_resolution``)."""
-    from PIL import Image
     from tqdm import tqdm
 
     from dance.data.datasets import class_colors
-    from dance.data.io import read_image
-    from dance.engine.evaluate import _inference, _predict
+    from dance.data.io import png_bytes, read_image
+    from dance.data.transforms import image_tensor
+    from dance.engine.evaluate import _inference, default_stride, infer_image
     from dance.fileio import atomic_write_bytes
     images, out = Path(images), Path(out)
     files = _image_files(images)
-    tensors, state, folder = ckpt.read_checkpoint(checkpoint)
-    model = ckpt.build_from_arch(state["arch"], str(folder / ckpt.STATE_FILE))
-    ckpt.load_weights(model, tensors, folder / ckpt.MODEL_FILE)
+    model, state, folder = ckpt.open_checkpoint(checkpoint)
     dev = pick_device(device)
-    model.to(dev).eval()
+    model.to(dev)
     num_classes = state["arch"]["num_classes"]
     names = _class_names(state) or [f"class {i}" for i in range(num_classes)]
     colors = class_colors(names)
-    train_cfg = state.get("config", {}).get("train", {})
-    mode = mode or train_cfg.get("eval_mode", "whole")
-    crop = tuple(crop or train_cfg.get("eval_crop") or train_cfg.get("crop") or (512, 1024))
-    stride = (max(1, -(-crop[0] * 2 // 3)), max(1, -(-crop[1] * 2 // 3)))
+    mode, crop = inference_settings(state, mode, crop)
     policy = _adaptive_policy(state, folder) if adaptive_resolution else None
-    scales: dict[str, int] = {}
-
-    def png(array: np.ndarray) -> bytes:
-        import io
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, "PNG")
-        return buf.getvalue()
-
+    scales: Counter = Counter()
     with _inference(model) as net:
         for f in tqdm(files, desc="predict", unit="img", disable=None if progress else True):
             image = read_image(f)
-            x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None]
-            x = x.to(dev, torch.float32).div_(255.0)
-            h, w = x.shape[-2:]
             scale = float(policy(image)) if policy is not None else 1.0
-            scales[f"{scale:g}"] = scales.get(f"{scale:g}", 0) + 1
-            if scale != 1.0:
-                x = torch.nn.functional.interpolate(
-                    x, size=(max(1, round(h * scale)), max(1, round(w * scale))),
-                    mode="bilinear", align_corners=False, antialias=True)
-            with torch.no_grad():
-                logits, _, _ = _predict(net, x, mode, crop, stride)
-            if logits.shape[-2:] != (h, w):
-                logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear",
-                                                         align_corners=False)
+            scales[f"{scale:g}"] += 1
+            logits, _, _ = infer_image(net, image_tensor(image)[None].to(dev), mode, crop,
+                                       default_stride(crop), scale, str(f))
             labels = logits.argmax(1)[0].cpu().numpy()
             labels = labels.astype(np.uint8 if num_classes <= 255 else np.uint16)
             rel = f.relative_to(images).with_suffix("")
-            atomic_write_bytes(out / f"{rel}.png", png(labels))
+            atomic_write_bytes(out / f"{rel}.png", png_bytes(labels))
             atomic_write_bytes(out / f"{rel}_overlay.png",
-                               png(overlay_with_legend(image, labels, colors, names)))
+                               png_bytes(overlay_with_legend(image, labels, colors, names)))
     result = {"images": len(files), "out": str(out), "classes": names, "mode": mode,
               "checkpoint": str(folder)}
     if policy is not None:
-        result["scales"] = dict(sorted(scales.items()))
+        result["scales"] = dict(sorted(scales.items()))  # "scale" -> images
     return result
 
 
