@@ -15,26 +15,28 @@ from collections import Counter
 
 _hits: Counter = Counter()
 _fired = False
+# read once, when dance is imported: fault points sit in the training step
+_AT = os.environ.get("DANCE_FAULT_AT")
+_LOG = os.environ.get("DANCE_FAULT_LOG")
+_ACTION = os.environ.get("DANCE_FAULT_ACTION", "kill")
 
 
 def fault_point(name: str) -> None:
     """Test-only: stop here when ``DANCE_FAULT_AT`` names this point (module docstring)."""
     global _fired
-    at, log = os.environ.get("DANCE_FAULT_AT"), os.environ.get("DANCE_FAULT_LOG")
-    if at is None and log is None:
+    if _AT is None and _LOG is None:
         return
     _hits[name] += 1
     k = _hits[name]
-    if log:
-        with open(log, "a") as f:
+    if _LOG:
+        with open(_LOG, "a") as f:
             f.write(f"{name} {k}\n")
-    if _fired or at not in (name, f"{name}:{k}"):
+    if _fired or _AT not in (name, f"{name}:{k}"):
         return
     _fired = True  # once per process: unwinding from an interrupt may pass here again
-    action = os.environ.get("DANCE_FAULT_ACTION", "kill")
-    if action == "interrupt":
+    if _ACTION == "interrupt":
         os.killpg(os.getpgrp(), signal.SIGINT)
-    elif action == "terminate":
+    elif _ACTION == "terminate":
         os.kill(os.getpid(), signal.SIGTERM)
     else:
         os.kill(os.getpid(), signal.SIGKILL)
