@@ -84,6 +84,15 @@ class EpochPolicy:
     def cost(self) -> float:
         return float(np.mean(self.keep_prob * self.scale ** 2))
 
+    @property
+    def mean_scale(self) -> float:
+        """The kept images' mean scale, on the 1/8 grid (what the slimmer's sparsity term is
+        priced at; on a grid, so its FLOPs shares stay cached)."""
+        if not (self.keep_prob > 0).any():
+            return 1.0
+        mean = float((self.scale * self.keep_prob).sum() / self.keep_prob.sum())
+        return round(mean * 8) / 8
+
 
 # ---------------------------------------------------------------------------------------------
 # validation

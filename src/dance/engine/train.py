@@ -186,7 +186,7 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
     run.sampler.set_epoch(epoch)
     policy = state.plan.epoch_policy(epoch, tc.epochs)
     weights = torch.as_tensor(policy.weight, dtype=torch.float32)
-    mean_scale = policy_mean_scale(policy)
+    mean_scale = policy.mean_scale
     images_this_epoch = sum(len(b) for b in run.sampler.epoch_batches(epoch))
     horizon = run.horizon
     # priced as the plain run would: every image kept (the ledger's plain_scale adds the
@@ -392,15 +392,6 @@ def adapts(cfg: RunConfig) -> bool:
     """Whether this run re-plans each epoch from per-image hardness."""
     ds = cfg.data_slimming
     return ds.enabled and ds.adaptive and ds.policy == "dance"
-
-
-def policy_mean_scale(policy) -> float:
-    """The kept images' mean scale, on the 1/8 grid (the slimmer's FLOPs shares stay cached)."""
-    kept = policy.keep_prob > 0
-    if not kept.any():
-        return 1.0
-    mean = float((policy.scale * policy.keep_prob).sum() / policy.keep_prob.sum())
-    return round(mean * 8) / 8
 
 
 def joint(cfg: RunConfig) -> bool:
