@@ -1,6 +1,7 @@
 """DANCE: data-network co-optimisation for efficient segmentation training and inference.
 
-Public API (docs/checkpoints.md#loading-a-model-in-python); the CLI is built on it.
+Public API (docs/checkpoints.md#loading-a-model-in-python, and for a training loop of your own
+docs/own_loop.md); the CLI is built on it.
 """
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
+from dance.errors import DanceError  # noqa: E402 (after OMP_WAIT_POLICY is set)
+
 __all__ = [
+    "CostLedger",
     "DanceError",
+    "DataSlimmingPlan",
+    "GatedBranches",
+    "MultiScaleModule",
+    "NetworkSlimmer",
+    "PlannedLoader",
+    "ScaledDataset",
     "branches",
     "build_model",
     "channel_groups",
@@ -24,12 +34,40 @@ __all__ = [
     "list_models",
     "load_model",
     "plan",
+    "rebuild_optimizer",
     "remove_branches",
     "remove_channels",
+    "replay",
+    "score_images",
+    "slimmable",
     "spatial_complexity",
+    "weighted_cross_entropy",
 ]
 
-from dance.errors import DanceError
+# Classes, imported on first use (``import dance`` stays light): name -> module
+_LAZY = {
+    "CostLedger": "dance.engine.cost",
+    "DataSlimmingPlan": "dance.data.plan",
+    "GatedBranches": "dance.network.gates",
+    "MultiScaleModule": "dance.network.gates",
+    "NetworkSlimmer": "dance.network.slimming",
+    "PlannedLoader": "dance.loop",
+    "ScaledDataset": "dance.loop",
+    "rebuild_optimizer": "dance.network.slimming",
+    "score_images": "dance.loop",
+    "slimmable": "dance.loop",
+    "weighted_cross_entropy": "dance.engine.loss",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'dance' has no attribute {name!r}")
+
 
 
 def list_models() -> list[str]:
@@ -43,7 +81,12 @@ def build_model(name, num_classes, pretrained_backbone=None, **kwargs):
 
 
 def branches(model, input_shape=(1, 3, 512, 1024)):
+    """Every branch of the model's multi-scale modules (``BranchInfo``: name, gate, FLOPs
+    share); a DanceError when the model has none."""
+    from dance.network.gates import NO_BRANCHES, multiscale_modules
     from dance.network.gates import branches as _f
+    if not multiscale_modules(model):
+        raise DanceError(f"{type(model).__name__}: {NO_BRANCHES}")
     return _f(model, input_shape)
 
 
@@ -72,9 +115,24 @@ def spatial_complexity(image, indicator="si", **kwargs) -> float:
     return _f(image, indicator=indicator, **kwargs)
 
 
-def plan(scores, budget, **options):
+def plan(scores, budget, ids=None, **options):
+    """The data plan for ``scores`` (one per image, or id -> score) at ``budget`` (a fraction of
+    the plain run's training FLOPs), with `dance train`'s defaults (its ``data_slimming``
+    section) for every option not given; ``options`` as ``dance.data.plan.plan``."""
     from dance.data.plan import plan as _f
-    return _f(scores, budget, **options)
+    from dance.engine.config import DataSlimmingConfig
+    ds = DataSlimmingConfig()
+    defaults = {"schedule": ds.schedule, "drop": ds.drop, "downsample": ds.downsample,
+                "weighting": ds.weighting, "keep_floor": ds.keep_floor,
+                "scales_per_epoch": ds.scales_per_epoch, "final_full": ds.final_full}
+    return _f(scores, budget, ids, **{**defaults, **options})
+
+
+def replay(model, removed):
+    """Apply a slimming record (``model.dance_arch.removed`` of a slimmed model) to a fresh copy
+    of the same model, in place, so the slimmed weights load into it."""
+    from dance.network.channels import replay as _f
+    return _f(model, removed)
 
 
 def load_model(checkpoint):

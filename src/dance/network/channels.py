@@ -97,7 +97,7 @@ class _Graph:
         trace; the signature check sees to that)."""
         self.signature = architecture_signature(self.model)
         self.groups: dict[str, tp.Group] = {}
-        for group in self.dg.get_all_groups(ignored_layers=_output_layers(self.model),
+        for group in self.dg.get_all_groups(ignored_layers=output_layers(self.model),
                                             root_module_types=[nn.Conv2d]):
             root = group[0].dep.target.module
             self.groups[self.names[root]] = group
@@ -150,12 +150,13 @@ def _graph(model: nn.Module) -> _Graph:
     return cached
 
 
-def _output_layers(model: nn.Module) -> list[nn.Module]:
+def output_layers(model: nn.Module) -> list[nn.Module]:
     """The convolutions that produce logits: their output channels are the classes."""
     arch = getattr(model, "dance_arch", None)
     if arch is None:
-        raise DanceError(f"{type(model).__name__}: channel slimming needs a model built by "
-                         "dance.build_model (it must know the number of classes)")
+        raise DanceError(f"{type(model).__name__}: channel slimming needs to know which layers "
+                         "give the logits: build the model with dance.build_model, or prepare "
+                         "yours with dance.slimmable(model, num_classes)")
     return [m for m in model.modules()
             if isinstance(m, nn.Conv2d) and m.out_channels == arch.num_classes]
 

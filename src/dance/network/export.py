@@ -36,6 +36,9 @@ def deployment_metadata(model: nn.Module, class_names: Sequence[str] | None) -> 
                         "train id, named by dance.classes",
         "dance.mean": json.dumps(list(IMAGENET_MEAN)), "dance.std": json.dumps(list(IMAGENET_STD)),
     }
+    if arch is not None and arch.is_custom:
+        # a model of the user's own (dance.slimmable): its input convention is not dance's
+        meta = {"dance.version": __version__}
     if arch is not None:
         meta["dance.model"] = arch.name
     if class_names:

@@ -165,6 +165,11 @@ class BranchInfo:
     branch: str          # the branch's name inside its module, e.g. "rate18"
 
 
+NO_BRANCHES = ("the model has no multi-scale module (a torchvision ASPP or LR-ASPP head gated by "
+               "dance.slimmable, or a dance.MultiScaleModule), so it has no branch to slim; "
+               "its channels can still be slimmed")
+
+
 def multiscale_modules(model: nn.Module) -> list[tuple[str, MultiScaleModule]]:
     """Every MultiScaleModule of ``model`` with its path, in module order."""
     return [(path, m) for path, m in model.named_modules() if isinstance(m, MultiScaleModule)]
@@ -209,7 +214,8 @@ def remove_branches(model: nn.Module, names: Iterable[str]) -> nn.Module:
         module = modules.get(path)
         if module is None or branch not in module.branch_names():
             known = [_full_name(p, b) for p, m in modules.items() for b in m.branch_names()]
-            raise DanceError(f"unknown branch {full!r}; the model has {', '.join(known)}")
+            raise DanceError(f"unknown branch {full!r}; "
+                             + (f"the model has {', '.join(known)}" if known else NO_BRANCHES))
         by_module.setdefault(path, []).append(branch)
     for path, removed in by_module.items():
         if len(removed) >= len(modules[path].branch_names()):

@@ -26,6 +26,9 @@ _MODEL_MODULES = (
 )
 
 
+CUSTOM_PREFIX = "custom:"  # Architecture names of models dance did not build
+
+
 @dataclass
 class Architecture:
     """How a model was built and slimmed: enough to rebuild it, untrained, anywhere.
@@ -60,6 +63,16 @@ class Architecture:
                    for r in d.get("removed", [])]
         return cls(d["name"], d["num_classes"], dict(d.get("kwargs", {})), removed)
 
+    @classmethod
+    def custom(cls, model: nn.Module, num_classes: int) -> Architecture:
+        """The record of a model of the user's own (``dance.slimmable``): not rebuildable by
+        name, but it knows the classes and records what slimming removes."""
+        return cls(CUSTOM_PREFIX + type(model).__name__, num_classes)
+
+    @property
+    def is_custom(self) -> bool:
+        return self.name.startswith(CUSTOM_PREFIX)
+
     @property
     def removed_branches(self) -> list[str]:
         return [r for r in self.removed if isinstance(r, str)]
@@ -67,6 +80,9 @@ class Architecture:
     def build(self) -> nn.Module:
         """This architecture, untrained (what slimming removed removed again, in order)."""
         from dance.network.channels import replay
+        if self.is_custom:
+            raise DanceError(f"{self.name[len(CUSTOM_PREFIX):]} is a model of your own: build it, "
+                             f"then dance.slimmable and dance.replay(model, removed)")
         model = build_model(self.name, self.num_classes, None, **self.kwargs)
         return replay(model, self.removed)
 

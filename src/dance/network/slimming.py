@@ -43,7 +43,7 @@ from dance.engine.runtime import unwrap_model
 from dance.errors import DanceError
 from dance.network import channels as ch
 from dance.network.flops import architecture_signature, count_gflops
-from dance.network.gates import branches, multiscale_modules, remove_branches
+from dance.network.gates import NO_BRANCHES, branches, multiscale_modules, remove_branches
 
 IMPORTANCE_KINDS = ("loss", "gate")
 CHANNEL_IMPORTANCE_KINDS = ("taylor", "bn_scale")
@@ -172,6 +172,15 @@ class NetworkSlimmer:
         if channel_importance not in CHANNEL_IMPORTANCE_KINDS:
             raise DanceError(f"channel_importance must be one of "
                              f"{', '.join(CHANNEL_IMPORTANCE_KINDS)}, got {channel_importance!r}")
+        if channels and network_budget is None:
+            raise DanceError("channel slimming removes channels to meet a network_budget: give "
+                             "network_budget (a fraction of the model's inference FLOPs) with "
+                             "channels=True")
+        if not channels and not multiscale_modules(unwrap_model(model)):
+            raise DanceError(f"{type(unwrap_model(model)).__name__}: {NO_BRANCHES}: give "
+                             f"channels=True with a network_budget")
+        if channels:
+            ch.output_layers(unwrap_model(model))  # the logits must be known: now, not mid-run
         self.channels = bool(channels)
         self.channel_lambda = float(channel_lambda)
         self.channel_importance = channel_importance

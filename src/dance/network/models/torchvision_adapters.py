@@ -73,13 +73,32 @@ class LRASPPDetail(nn.Module):
         return self.classifier(features["low"])
 
 
+def gated_lraspp(head: tv_lraspp.LRASPPHead) -> GatedBranches:
+    """torchvision's LR-ASPP head as a GatedBranches of its two summed paths (sharing its
+    modules); it takes the backbone's feature dict, as the head does."""
+    return GatedBranches({"context": LRASPPContext(head), "detail": LRASPPDetail(head)})
+
+
+def gate_heads(model: nn.Module) -> list[str]:
+    """Replace, in place, every torchvision ``ASPP`` and ``LRASPPHead`` inside ``model`` (any
+    model: torchvision's own, or one of yours that uses them) by its gated form, which shares the
+    original's modules and so its weights and its output. Returns the replaced modules' paths."""
+    kinds = ((tv_deeplabv3.ASPP, gated_aspp), (tv_lraspp.LRASPPHead, gated_lraspp))
+    found = [(path, gate) for path, m in model.named_modules()
+             for kind, gate in kinds if isinstance(m, kind)]
+    for path, gate in found:
+        parent, _, attr = path.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, attr, gate(getattr(owner, attr)))
+    return [path for path, _ in found]
+
+
 class TorchvisionLRASPP(SegmentationNet):
     def __init__(self, model: tv_lraspp.LRASPP):
         super().__init__()
         self.backbone = model.backbone
         # The two paths are summed: a GatedBranches without projection.
-        self.lraspp = GatedBranches({"context": LRASPPContext(model.classifier),
-                                     "detail": LRASPPDetail(model.classifier)})
+        self.lraspp = gated_lraspp(model.classifier)
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.lraspp(self.backbone(x))
