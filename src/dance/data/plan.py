@@ -46,6 +46,7 @@ import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -514,6 +515,79 @@ class DataSlimmingPlan:
             raise DanceError(f"data plan JSON lacks the field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise DanceError(f"data plan JSON is malformed ({e})") from None
+
+
+def load_plan(path: str | Path, ids: Sequence[str] | None = None,
+              budget: float | None = None) -> DataSlimmingPlan:
+    """A plan file (``dance plan --out``, a run's ``plan.json``), checked: every value in range,
+    and, when given, made for these image ``ids`` (the same images; reordered to ``ids`` when
+    only the order differs) and at this ``budget``. Every problem is a one-line DanceError
+    naming the file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DanceError(f"{path}: no such plan file (write one with dance plan --out)") from None
+    except IsADirectoryError:
+        raise DanceError(f"{path}: is a folder, not a plan file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DanceError(f"{path}: not a plan file ({type(e).__name__}: {e})") from None
+    if not isinstance(raw, Mapping):
+        raise DanceError(f"{path}: not a plan file (expected a JSON object)")
+    try:
+        p = DataSlimmingPlan.from_json(raw)
+    except DanceError as e:
+        raise DanceError(f"{path}: {e}") from None
+    problem = _plan_problem(p)
+    if problem:
+        raise DanceError(f"{path}: {problem}")
+    if ids is not None:
+        ids = [str(i) for i in ids]
+        if p.ids != ids:
+            mine, theirs = set(ids), set(p.ids)
+            if mine != theirs or p.permutation is not None:
+                missing = sorted(mine - theirs)[:1] or sorted(theirs - mine)[:1] or ["(order)"]
+                raise DanceError(f"{path}: made for {len(theirs)} images, the training set has "
+                                 f"{len(mine)} and they differ (first: {missing[0]}); make the "
+                                 f"plan from this training set's scores")
+            by_id = {q.id: q for q in p.per_image}
+            p.per_image = [by_id[i] for i in ids]
+            p._epoch_cache.clear()
+    if budget is not None and abs(p.budget - budget) > 1e-9:
+        raise DanceError(f"{path}: made at budget {p.budget:g}, this run plans its data at "
+                         f"{budget:g}; make the plan with --budget {budget:g}, or set "
+                         f"data_slimming.budget to match")
+    return p
+
+
+def _plan_problem(p: DataSlimmingPlan) -> str | None:
+    """What is out of range in a plan read from a file, or None."""
+    try:
+        check_budget(p.budget)
+        _check_scale_set(p.scale_set)
+    except DanceError as e:
+        return str(e)
+    if p.schedule not in SCHEDULES:
+        return f"schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}"
+    if p.policy not in POLICIES:
+        return f"policy must be one of {', '.join(POLICIES)}, got {p.policy!r}"
+    if not p.per_image:
+        return "the plan has no images"
+    if len(set(p.ids)) != len(p.ids):
+        return "an image id appears more than once"
+    for q in p.per_image:
+        values = (q.score, q.rank, q.scale, q.keep_prob, q.weight)
+        if not all(math.isfinite(v) for v in values):
+            return f"image {q.id!r} has a non-finite value"
+        if not (0 < q.scale <= 1 and 0 < q.keep_prob <= 1 and q.weight > 0 and 0 < q.rank < 1):
+            return (f"image {q.id!r}: scale {q.scale:g}, keep_prob {q.keep_prob:g}, weight "
+                    f"{q.weight:g} or rank {q.rank:g} out of range (scale and keep_prob in "
+                    f"(0, 1], weight > 0, rank in (0, 1))")
+    if p.permutation is not None and sorted(p.permutation) != list(range(len(p.per_image))):
+        return "permutation is not a permutation of the images"
+    if not (0 <= p.final_full < 1 and p.scales_per_epoch in (0, 1, 2) and 0 <= p.beta < 2):
+        return "final_full, scales_per_epoch or beta out of range"
+    return None
 
 
 class Hardness:

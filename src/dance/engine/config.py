@@ -194,6 +194,14 @@ class DataSlimmingConfig(_Strict):
     # plan is made at budget / the network's expected mean FLOPs fraction over training, and the
     # trim counts the FLOPs of the model as it is (docs/method.md#joint-budget)
     joint_budget: bool = True
+    # a plan file (dance plan --out, or a run's plan.json) instead of planning from the scores:
+    # used by the dance and shuffled policies, which then take its scales, drops and weights
+    plan: str | None = None
+
+    @field_validator("plan")
+    @classmethod
+    def _plan(cls, v: str | None) -> str | None:
+        return _path_text(v)
 
     @field_validator("budget")
     @classmethod

@@ -40,6 +40,11 @@ def _size(path: Path) -> int:
         return -1
 
 
+# data_slimming keys a plan file replaces (its scales, drops and weights were made with them)
+_PLAN_FILE_KEYS = ("indicator", "schedule", "drop", "downsample", "weighting", "keep_floor",
+                   "scales_per_epoch", "final_full")
+
+
 def result_config(config: dict) -> dict:
     """The resolved config less what cannot change the result: speed-only keys, and the
     settings of a slimming part that is switched off."""
@@ -56,6 +61,9 @@ def result_config(config: dict) -> dict:
         if ds["policy"] == "progressive" and ds.get("final_full"):
             kept["final_full"] = ds["final_full"]  # the one setting of its schedule
         cfg["data_slimming"] = kept
+    if ds.get("plan") and ds.get("policy") in ("dance", "shuffled") and ds.get("enabled", True):
+        for key in _PLAN_FILE_KEYS:  # the plan file decides these
+            ds.pop(key, None)
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
     return cfg
@@ -71,7 +79,24 @@ def run_fingerprint(config: dict, dataset: dict) -> dict:
     """What determines a run's result: its config (``result_config``), the dataset part
     (``dataset_fingerprint``, the same for every run on that data) and the version."""
     from dance import __version__
-    return {"config": result_config(config), "dataset": dataset, "dance_version": __version__}
+    return {"config": result_config(_plan_by_content(config)), "dataset": dataset,
+            "dance_version": __version__}
+
+
+def _plan_by_content(config: dict) -> dict:
+    """``config`` with a plan file's path replaced by its content's SHA-256: an edited file is a
+    different run, a moved one the same. An unreadable file is left as its path (training names
+    the problem when it reads it)."""
+    path = config.get("data_slimming", {}).get("plan")
+    if not path:
+        return config
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return config
+    config = json.loads(json.dumps(config))
+    config["data_slimming"]["plan"] = f"sha256:{digest}"
+    return config
 
 
 def fingerprint_diff(old: Any, new: Any, prefix: str = "") -> list[str]:

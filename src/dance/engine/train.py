@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dance.data.datasets import SegmentationDataset, open_dataset
 from dance.data.loader import PlannedDataset, collate_planned, raise_batch_errors
-from dance.data.plan import DataSlimmingPlan, Hardness, plan, plan_for_policy
+from dance.data.plan import DataSlimmingPlan, Hardness, load_plan, plan, plan_for_policy
 from dance.data.sampler import BucketedBatchSampler
 from dance.data.transforms import TrainTransform, scaled_crop
 from dance.engine import checkpoint as ckpt
@@ -421,6 +421,9 @@ def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: 
     ds = cfg.data_slimming
     if not ds.enabled:
         return plan(np.zeros(len(ids)), 1.0, ids)
+    if ds.plan is not None and ds.policy in ("dance", "shuffled"):
+        p = load_plan(ds.plan, ids, data_budget(cfg))
+        return p.shuffled(cfg.train.seed) if ds.policy == "shuffled" else p
     scores = None
     if ds.policy in ("dance", "shuffled"):
         from dance.data.scoring import score_dataset
