@@ -305,3 +305,23 @@ def test_predict_writes_label_pngs_and_overlays_for_a_folder(runs, synth, tmp_pa
                "--out", str(tmp_path / "p2"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and str(tmp_path / "bad" / "x.png") in err[0]
+
+
+def test_validating_during_training_keeps_the_best_model(config, synth, tmp_path, capsys):
+    out = tmp_path / "val"
+    m = run_train(config, out, "data_slimming.enabled=false", "network_slimming.enabled=false",
+                  "train.eval_every=1", "train.epochs=3")
+    vals = [m["history"][0]["val_miou"], m["history"][1]["val_miou"], m["miou"]]
+    assert m["history"][2]["val_miou"] is None  # the last epoch is measured once, at the end
+    assert m["best"]["val_miou"] == max(vals) and m["best"]["path"] == "best"
+    assert m["best"]["epoch"] == 3 - vals[::-1].index(max(vals))  # ties: the later epoch
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out / "best"), "--dataset", "synth",
+                 "--root", str(synth), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(max(vals), abs=1e-6)
+    assert set(p.name for p in (out / "best").iterdir()) == {
+        "model.safetensors", "trainer.safetensors", "state.json"}
+    # without validation during training there is no best/ and metrics say so
+    m2 = run_train(config, tmp_path / "noval", "data_slimming.enabled=false",
+                   "network_slimming.enabled=false", "train.epochs=1")
+    assert m2["best"] is None and not (tmp_path / "noval" / "best").exists()

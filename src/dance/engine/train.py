@@ -118,6 +118,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
             if rt.is_main:
                 with run.timer.phase("checkpoint"):
                     state.phases = run.timer.to_json()
+                    # best/ before checkpoint/: a resume redoes an epoch whose checkpoint a kill
+                    # cut short, and measures the same mIoU again
+                    if is_best(state.history):
+                        save_best(run, state, record["epoch"], val)
                     save_run_checkpoint(run, state)
                 # after the checkpoint, so an epoch a resume redoes is logged once
                 text_log(out_dir, epoch_line(record, run.horizon))
@@ -127,6 +131,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
 
         with run.timer.phase("eval"):
             val_metrics = evaluate_run(model, val_ds, cfg, rt, run.show)
+        final = {"epoch": state.epoch, "val_miou": val_metrics["miou"]}
+        if rt.is_main and tc.eval_every and is_best([*state.history, final]):
+            save_best(run, state, state.epoch, val_metrics["miou"])
         metrics = final_metrics(run, state, plan0, val_metrics, wall_seconds, saved is not None)
         if rt.is_main:  # metrics.json last: it is what marks the run finished
             text_log(out_dir, f"finished: mIoU {metrics['miou']:.2f}, training FLOPs "
@@ -735,6 +742,35 @@ def save_run_checkpoint(run: Run, state: TrainState) -> None:
     }, run.optimizer)
 
 
+BEST = "best"  # the run folder's checkpoint of the best validated model
+
+
+def is_best(history: list[dict]) -> bool:
+    """Whether the last record's validation mIoU beats every earlier one's (ties go to the
+    later, more slimmed model)."""
+    vals = [r.get("val_miou") for r in history]
+    if not vals or vals[-1] is None:
+        return False
+    return all(v is None or vals[-1] >= v for v in vals[:-1])
+
+
+def save_best(run: Run, state: TrainState, epoch: int, miou: float) -> None:
+    """``best/``: the model with the highest validation mIoU so far, a checkpoint folder like
+    ``checkpoint/`` (no optimizer state), with ``best`` (epoch, mIoU) in its state.json."""
+    ckpt.save_checkpoint(run.ckpt_dir.parent / BEST, run.model, {
+        "config": run.cfg.to_dict(), "fingerprint": run.fingerprint,
+        "classes": run.class_names, "best": {"epoch": epoch, "val_miou": miou}})
+
+
+def best_record(out_dir: Path) -> dict | None:
+    """metrics.json's ``best``: the epoch and mIoU of ``best/``, or None without one."""
+    try:
+        saved, _ = ckpt.read_state(out_dir / BEST)
+    except DanceError:
+        return None
+    return {**saved["best"], "path": BEST}
+
+
 def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metrics: dict,
                   wall_seconds: float, resumed: bool) -> dict:
     """metrics.json: validation, cost summed over ranks, energy, and what the run did."""
@@ -800,6 +836,7 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "branches": [{"name": b.name, "gate": b.gate, "gflops_share": b.gflops_share}
                      for b in branches(model, (1, 3, h, w))],
         "prune_events": state.prune_events,
+        "best": best_record(run.ckpt_dir.parent) if run.cfg.train.eval_every else None,
         "history": state.history,
         "plan_summary": {k: v for k, v in plan0.to_json().items() if k != "per_image"},
     }
