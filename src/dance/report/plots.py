@@ -30,7 +30,8 @@ def _save(fig, path: Path) -> str:
     import io
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format=Path(path).suffix.lstrip(".") or "png")
+    # "tight": legends placed beside the axes or below the panels are kept in the picture
+    fig.savefig(buf, dpi=110, format=Path(path).suffix.lstrip(".") or "png", bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return str(path)
@@ -88,31 +89,41 @@ def plot_scales(plan_json: dict, epochs: int, path: Path) -> str:
 
 def plot_gates(metrics: dict, path: Path, run: str) -> str:
     """Branch gates over training, and (with channel slimming) every channel group's width as a
-    fraction of its original, at each pruning point."""
+    fraction of its original, at each pruning point. A removed branch's line ends in a cross at
+    its pruning point, and its legend entry says when; the legend sits beside the axes, never
+    on the lines."""
     hist = metrics.get("history", [])
     names = sorted({n for h in hist for n in h.get("gates", {})})
     events = metrics.get("prune_events", [])
+    epochs = len(hist) or 1
+    removed_at = {n: e["progress"] for e in events for n in e.get("removed", [])}
     widths = [e for e in events if e.get("widths")]
     if widths:
-        fig, (ax, cax) = plt.subplots(1, 2, figsize=(13, 4))
-        _plot_widths(cax, events, len(hist) or 1, run)
+        fig, (ax, cax) = plt.subplots(1, 2, figsize=(15, 4.5))
+        _plot_widths(cax, events, epochs, run)
     else:
-        fig, ax = plt.subplots(figsize=(7, 4))
-    for n in names:
-        xs = [h["epoch"] for h in hist if n in h["gates"]]
-        ys = [h["gates"][n] for h in hist if n in h["gates"]]
-        ax.plot([0] + xs, [1.0] + ys, marker="o", ms=3, label=n)
-    epochs = len(hist) or 1
-    for ev in metrics.get("prune_events", []):
-        x = ev["progress"] * epochs
-        ax.axvline(x, color="grey", ls="--", lw=1)
-        if ev["removed"]:
-            ax.text(x, ax.get_ylim()[1], " removed " + ", ".join(ev["removed"]), rotation=90,
-                    va="top", fontsize=7)
+        fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    cmap = plt.get_cmap("tab20", max(len(names), 2))
+    for i, n in enumerate(names):
+        xs = [0] + [h["epoch"] for h in hist if n in h["gates"]]
+        ys = [1.0] + [h["gates"][n] for h in hist if n in h["gates"]]
+        label = n
+        if n in removed_at:  # the line ends where the branch went
+            end = removed_at[n] * epochs
+            kept = [k for k, x in enumerate(xs) if x <= end]
+            xs, ys = [xs[k] for k in kept] + [end], [ys[k] for k in kept] + [ys[kept[-1]]]
+            label = f"{n} (removed at {removed_at[n]:.0%})"
+        line, = ax.plot(xs, ys, marker="o", ms=3, color=cmap(i), label=label)
+        if n in removed_at:
+            ax.plot(xs[-1], ys[-1], marker="X", ms=9, color=line.get_color(), ls="none")
+    for ev in events:
+        ax.axvline(ev["progress"] * epochs, color="grey", ls="--", lw=1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("gate value")
-    ax.set_title(f"Branch gates ({run}); dashed lines: pruning points")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_xlim(0, epochs)
+    ax.set_title(f"Branch gates ({run}); dashed: pruning points, ×: removed")
+    if names:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return _save(fig, path)
 
 
@@ -134,6 +145,7 @@ def _plot_widths(ax, events: list[dict], epochs: int, run: str) -> None:
                 alpha=1.0 if layer in top else 0.4, label=layer if layer in top else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("channels kept (fraction of original)")
+    ax.set_xlim(0, epochs)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Channel groups ({run}); most slimmed named")
     ax.legend(fontsize=6)
@@ -204,42 +216,55 @@ def plot_miou_vs_flops(curve: list[dict], path: Path, run: str) -> str:
     return _save(fig, path)
 
 
-def _colorize(mask: np.ndarray, num_classes: int) -> np.ndarray:
-    cmap = plt.get_cmap("tab20", max(num_classes, 2))
-    lut = (np.array([cmap(i)[:3] for i in range(num_classes)]) * 255).astype(np.uint8)
-    out = np.zeros(mask.shape + (3,), dtype=np.uint8)
-    valid = mask < num_classes
-    out[valid] = lut[mask[valid]]
-    return out
-
-
 def plot_predictions(report: dict, cfg: RunConfig, path: Path, n: int = 3) -> str:
+    """Validation images, their ground truth and each run's prediction, in the dataset's palette
+    (Cityscapes' own colours where the classes are Cityscapes'), with a legend of the classes
+    that appear."""
     import torch
+    from matplotlib.patches import Patch
 
-    from dance.data.datasets import open_dataset
+    from dance.data.datasets import class_colors, open_dataset
     from dance.engine.checkpoint import load_model
     ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
+    palette = class_colors(ds.class_names)
     runs = [k for k in ("baseline", "dance") if k in report["run_dirs"]]
     models = {k: load_model(report["run_dirs"][k][0]) for k in runs}
     idx = np.linspace(0, len(ds) - 1, n).round().astype(int)
     fig, axes = plt.subplots(n, 2 + len(runs), figsize=(3.2 * (2 + len(runs)), 1.9 * n))
     axes = np.atleast_2d(axes)
+    seen: set[int] = set()
     for row, i in enumerate(idx):
         image, mask = ds.load(int(i))
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
-        panels = [("image", image), ("ground truth", _colorize(mask, ds.num_classes))]
+        panels = [("image", image), ("ground truth", mask)]
         for k, m in models.items():
             with torch.no_grad():
                 pred = m(x).argmax(1)[0].numpy().astype(np.uint8)
             pred[mask == IGNORE_INDEX] = IGNORE_INDEX
-            panels.append((k, _colorize(pred, ds.num_classes)))
+            panels.append((k, pred))
         for col, (title, im) in enumerate(panels):
+            if col > 0:
+                seen.update(int(c) for c in np.unique(im) if c < ds.num_classes)
+                im = _colorize(im, palette)
             ax = axes[row, col]
             ax.imshow(im)
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(title, fontsize=9)
+    handles = [Patch(color=palette[c] / 255, label=ds.class_names[c]) for c in sorted(seen)]
+    handles.append(Patch(color="black", label="ignored"))
+    fig.tight_layout()
+    fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=min(len(handles), 7), fontsize=7, frameon=False)
     return _save(fig, path)
+
+
+def _colorize(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Train ids as RGB in ``palette`` (C x 3); ignored and out-of-range pixels black."""
+    out = np.zeros(labels.shape + (3,), dtype=np.uint8)
+    valid = labels < len(palette)
+    out[valid] = palette[labels[valid]]
+    return out
 
 
 def make_plots(report: dict, cfg: RunConfig, out_dir: Path) -> list[str]:
