@@ -223,10 +223,79 @@ def test_example_loop_names_a_missing_dataset(tmp_path):
 
 
 def test_export_of_a_model_of_ones_own_claims_no_input_convention(tmp_path):
-    onnx = pytest.importorskip("onnx", reason="onnx is a dependency; a broken install skips")
+    import onnx
     model = dance.slimmable(ConvNet(), 3)
     path = dance.export(model, tmp_path / "mine.onnx", input_shape=(1, 3, 32, 32))
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert meta["dance.model"] == "custom:ConvNet" and "dance.input" not in meta
     with pytest.raises(DanceError, match="ConvNet is a model of your own"):
         model.dance_arch.build()
+
+
+SMP_MODELS = {  # segmentation_models.pytorch, as a user builds them (no download)
+    "Unet": lambda smp: smp.Unet("resnet18", encoder_weights=None, classes=5),
+    "DeepLabV3Plus": lambda smp: smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=5),
+    "FPN": lambda smp: smp.FPN("mobilenet_v2", encoder_weights=None, classes=5),
+}
+
+
+def _calibrated(model):
+    """BatchNorm affine terms away from their init, statistics from random images, eval mode:
+    a masked channel still wired to the output would show."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.momentum = None
+        model.train()(torch.rand(4, 3, 64, 96))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", sorted(SMP_MODELS))
+def test_segmentation_models_pytorch_models_slim(name):
+    import copy
+
+    import segmentation_models_pytorch as smp  # the [test] extra
+
+    from dance.network.channels import channel_groups, mask_channels, remove_channels
+    torch.manual_seed(0)
+    model = _calibrated(SMP_MODELS[name](smp))
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+    dance.slimmable(model, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)  # gating changed nothing
+    if name == "DeepLabV3Plus":  # smp's ASPP is gated like torchvision's
+        assert [b.name.rpartition(".")[2] for b in dance.branches(model, (1, 3, 64, 96))] == [
+            "conv1x1", "rate12", "rate24", "rate36", "pool"]
+    else:
+        with pytest.raises(DanceError, match="no multi-scale module"):
+            dance.branches(model, (1, 3, 64, 96))
+    # removing a chunk of every channel group equals masking it (float64: the surgery, not
+    # the rounding, is compared)
+    model = model.double()
+    xd = x.double()
+    cuts = [(g.layer, list(range(1, g.chunk() + 1))) for g in channel_groups(model, (1, 3, 64, 96))
+            if g.chunk()]
+    assert len(cuts) >= 10
+    masked, removed = copy.deepcopy(model), copy.deepcopy(model)
+    for layer, idx in cuts:
+        mask_channels(masked, layer, idx)
+        remove_channels(removed, layer, idx)
+    with torch.no_grad():
+        torch.testing.assert_close(removed(xd), masked(xd), atol=1e-5, rtol=0)
+    # the slimmer meets a network budget from the weights alone
+    model = model.float()
+    slimmer = dance.NetworkSlimmer(model, network_budget=0.7, channels=True,
+                                   input_shape=(1, 3, 64, 96), prune_at=(0.5,),
+                                   importance="gate", channel_importance="bn_scale")
+    event = slimmer.prune(model, [], None, 0.5)
+    if name == "FPN":  # most of its FLOPs sit in GroupNorm blocks, which stay whole
+        assert "NOT met" in event.message and "GroupNorm" in event.message
+        assert event.gflops_after < 0.9 * slimmer.original_gflops
+    else:
+        assert event.gflops_after <= 0.7 * slimmer.original_gflops * 1.01, event.message
+    assert model(x).shape == (1, 5, 64, 96)

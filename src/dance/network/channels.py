@@ -17,8 +17,10 @@ branches, so a checkpoint rebuilds the slimmed shapes by replaying the record on
 (``replay``): no pickled modules.
 
 Groups whose channels reach the logits (the classifiers, and anything added to them) are never
-slimmed, nor is a group below ``ROUND_TO`` channels; removal keeps every group's width a multiple of
-``ROUND_TO`` (8), so slimmed shapes stay fast on real hardware.
+slimmed, nor is a group that passes a GroupNorm (its width must stay a multiple of the norm's
+groups; FPN-style decoders of segmentation_models.pytorch), nor a group below ``ROUND_TO``
+channels; removal keeps every group's width a multiple of ``ROUND_TO`` (8), so slimmed shapes
+stay fast on real hardware.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ class _Graph:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        device = next(model.parameters()).device
+        first = next(model.parameters())
+        device, dtype = first.device, first.dtype
         gates = [p for p in model.parameters() if p.dim() == 0]
         was_training = model.training
         model.eval()  # tracing runs a forward: BatchNorm statistics must not move
@@ -84,7 +87,8 @@ class _Graph:
             with torch.enable_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.dg = tp.DependencyGraph().build_dependency(
-                    model, torch.zeros(_TRACE_SHAPE, device=device), ignored_params=gates,
+                    model, torch.zeros(_TRACE_SHAPE, device=device, dtype=dtype),
+                    ignored_params=gates,
                     verbose=False)
         finally:
             model.train(was_training)
@@ -99,6 +103,8 @@ class _Graph:
         self.groups: dict[str, tp.Group] = {}
         for group in self.dg.get_all_groups(ignored_layers=output_layers(self.model),
                                             root_module_types=[nn.Conv2d]):
+            if any(isinstance(dep.target.module, nn.GroupNorm) for dep, _ in group):
+                continue  # its width must stay a multiple of the norm's groups: left whole
             root = group[0].dep.target.module
             self.groups[self.names[root]] = group
 
@@ -220,7 +226,12 @@ def channel_importance(model: nn.Module, kind: str = "taylor") -> dict[str, torc
     out = {}
     for layer, group in g.groups.items():
         width = model.get_submodule(layer).out_channels
-        imp = scorer(group)
+        try:
+            imp = scorer(group)
+        except (RuntimeError, IndexError):
+            # Torch-Pruning cannot map this group's indices (seen: a depthwise convolution over a
+            # concatenation, in smp's DeepLabV3+ decoder): it is never chosen, so never cut wrong
+            imp = None
         if imp is None or len(imp) != width:
             imp = torch.full((width,), float("inf"))
         out[layer] = imp.detach().float().cpu()

@@ -53,10 +53,12 @@ _FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flop}
 
 def meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers live on the meta device (no data
-    is copied), in eval mode."""
+    is copied), in eval mode. Floating tensors are float32 whatever the model's dtype (counts do
+    not depend on it), so the counters' float32 inputs fit a float64 or half model too."""
     memo: dict[int, torch.Tensor] = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        meta = torch.empty_like(t, device="meta")
+        meta = torch.empty_like(t, device="meta",
+                                dtype=torch.float32 if t.is_floating_point() else t.dtype)
         memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo).eval()
 

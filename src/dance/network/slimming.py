@@ -521,7 +521,8 @@ class NetworkSlimmer:
             text += f", target {target / self.original_gflops:.1%}"
             if short_of_budget:
                 text += (f" NOT met: nothing removable left (every multi-scale module keeps "
-                         f"at least one branch, every channel group {ch.ROUND_TO} channels)"
+                         f"at least one branch, every channel group {ch.ROUND_TO} channels; "
+                         f"groups that reach the logits or pass a GroupNorm stay whole)"
                          if self.channels else
                          " NOT met: no removable branch left (every multi-scale module keeps at "
                          "least one branch)")

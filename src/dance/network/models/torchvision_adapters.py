@@ -16,6 +16,8 @@ input size, not torchvision's dict; inputs are [0, 1] RGB normalised inside.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torchvision
 from torch import nn
@@ -28,10 +30,11 @@ from dance.network.pretrained import load_backbone_weights
 from dance.network.registry import register_model
 
 
-def gated_aspp(aspp: tv_deeplabv3.ASPP) -> GatedBranches:
-    """torchvision's ASPP as a GatedBranches sharing its modules (so its weights)."""
+def gated_aspp(aspp: nn.Module) -> GatedBranches:
+    """torchvision's ASPP (or segmentation_models.pytorch's, built alike: ``convs`` concatenated,
+    then ``project``) as a GatedBranches sharing its modules (so its weights)."""
     names = ["conv1x1"]
-    names += [f"rate{conv[0].dilation[0]}" for conv in aspp.convs[1:-1]]
+    names += [f"rate{_first_conv(conv).dilation[0]}" for conv in aspp.convs[1:-1]]
     names.append("pool")
     out_channels = aspp.project[0].in_channels // len(aspp.convs)
     return GatedBranches(dict(zip(names, aspp.convs)), {n: out_channels for n in names},
@@ -73,6 +76,11 @@ class LRASPPDetail(nn.Module):
         return self.classifier(features["low"])
 
 
+def _first_conv(branch: nn.Module) -> nn.Conv2d:
+    """A branch's first convolution (a separable branch's depthwise one carries its rate)."""
+    return next(m for m in branch.modules() if isinstance(m, nn.Conv2d))
+
+
 def gated_lraspp(head: tv_lraspp.LRASPPHead) -> GatedBranches:
     """torchvision's LR-ASPP head as a GatedBranches of its two summed paths (sharing its
     modules); it takes the backbone's feature dict, as the head does."""
@@ -81,9 +89,13 @@ def gated_lraspp(head: tv_lraspp.LRASPPHead) -> GatedBranches:
 
 def gate_heads(model: nn.Module) -> list[str]:
     """Replace, in place, every torchvision ``ASPP`` and ``LRASPPHead`` inside ``model`` (any
-    model: torchvision's own, or one of yours that uses them) by its gated form, which shares the
-    original's modules and so its weights and its output. Returns the replaced modules' paths."""
-    kinds = ((tv_deeplabv3.ASPP, gated_aspp), (tv_lraspp.LRASPPHead, gated_lraspp))
+    model: torchvision's own, or one of yours that uses them), and segmentation_models.pytorch's
+    ``ASPP`` (DeepLabV3, DeepLabV3+) when that library is loaded, by its gated form, which shares
+    the original's modules and so its weights and its output. Returns the replaced paths."""
+    kinds = [(tv_deeplabv3.ASPP, gated_aspp), (tv_lraspp.LRASPPHead, gated_lraspp)]
+    smp = sys.modules.get("segmentation_models_pytorch.decoders.deeplabv3.decoder")
+    if smp is not None and hasattr(smp, "ASPP"):  # an smp model is only made once it is loaded
+        kinds.append((smp.ASPP, gated_aspp))
     found = [(path, gate) for path, m in model.named_modules()
              for kind, gate in kinds if isinstance(m, kind)]
     for path, gate in found:
