@@ -148,7 +148,7 @@ def _plot_widths(ax, events: list[dict], epochs: int, run: str) -> None:
     ax.set_xlim(0, epochs)
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Channel groups ({run}); most slimmed named")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="lower left")  # widths only fall: the corner stays clear
 
 
 def plot_inference_pareto(report: dict, path: Path) -> str:
