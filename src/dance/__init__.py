@@ -120,12 +120,9 @@ def plan(scores, budget, ids=None, **options):
     the plain run's training FLOPs), with `dance train`'s defaults (its ``data_slimming``
     section) for every option not given; ``options`` as ``dance.data.plan.plan``."""
     from dance.data.plan import plan as _f
+    from dance.data.plan import plan_options
     from dance.engine.config import DataSlimmingConfig
-    ds = DataSlimmingConfig()
-    defaults = {"schedule": ds.schedule, "drop": ds.drop, "downsample": ds.downsample,
-                "weighting": ds.weighting, "keep_floor": ds.keep_floor,
-                "scales_per_epoch": ds.scales_per_epoch, "final_full": ds.final_full}
-    return _f(scores, budget, ids, **{**defaults, **options})
+    return _f(scores, budget, ids, **{**plan_options(DataSlimmingConfig()), **options})
 
 
 def replay(model, removed):

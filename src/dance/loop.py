@@ -27,6 +27,7 @@ from dance.data.sampler import BucketedBatchSampler
 from dance.data.transforms import scaled_crop
 from dance.engine.cost import CostLedger
 from dance.errors import DanceError
+from dance.network.flops import meta_copy
 
 
 def _first(item):
@@ -177,9 +178,7 @@ class PlannedLoader:
         self.sampler.set_epoch(epoch)
         self.weights = torch.as_tensor(policy.weight, dtype=torch.float32)
         self.mean_scale = policy.mean_scale
-        kept = sum(len(b) for b in self.sampler.epoch_batches(epoch))
-        # the plain run of this epoch trains every image: what the cost account prices it at
-        self._full_factor = len(self.weights) / max(kept, 1)
+        self._full_factor = self.sampler.full_factor(epoch)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -199,7 +198,6 @@ class PlannedLoader:
     def charge(self, model: nn.Module, batch: dict) -> None:
         """Count one optimizer step on ``batch`` of ``model`` as it is now. The plain run is
         priced on the model as it was at the first charge (before any slimming)."""
-        from dance.network.flops import meta_copy
         if self._reference is None:
             self._reference = meta_copy(model)
         self.ledger.add_step(model, tuple(batch["image"].shape), tuple(batch["full_hw"]),

@@ -552,7 +552,6 @@ def load_plan(path: str | Path, ids: Sequence[str] | None = None,
                                  f"plan from this training set's scores")
             by_id = {q.id: q for q in p.per_image}
             p.per_image = [by_id[i] for i in ids]
-            p._epoch_cache.clear()
     if budget is not None and abs(p.budget - budget) > 1e-9:
         raise DanceError(f"{path}: made at budget {p.budget:g}, this run plans its data at "
                          f"{budget:g}; make the plan with --budget {budget:g}, or set "
@@ -563,12 +562,10 @@ def load_plan(path: str | Path, ids: Sequence[str] | None = None,
 def _plan_problem(p: DataSlimmingPlan) -> str | None:
     """What is out of range in a plan read from a file, or None."""
     try:
-        check_budget(p.budget)
-        _check_scale_set(p.scale_set)
+        _check_common(p.budget, p.scale_set, p.schedule)
+        _check_final_full(p.final_full, p.schedule)
     except DanceError as e:
         return str(e)
-    if p.schedule not in SCHEDULES:
-        return f"schedule must be one of {', '.join(SCHEDULES)}, got {p.schedule!r}"
     if p.policy not in POLICIES:
         return f"policy must be one of {', '.join(POLICIES)}, got {p.policy!r}"
     if not p.per_image:
@@ -585,8 +582,8 @@ def _plan_problem(p: DataSlimmingPlan) -> str | None:
                     f"(0, 1], weight > 0, rank in (0, 1))")
     if p.permutation is not None and sorted(p.permutation) != list(range(len(p.per_image))):
         return "permutation is not a permutation of the images"
-    if not (0 <= p.final_full < 1 and p.scales_per_epoch in (0, 1, 2) and 0 <= p.beta < 2):
-        return "final_full, scales_per_epoch or beta out of range"
+    if not (p.scales_per_epoch in (0, 1, 2) and 0 <= p.beta < 2):
+        return f"scales_per_epoch {p.scales_per_epoch} or beta {p.beta:g} out of range"
     return None
 
 
@@ -788,10 +785,15 @@ def plan_for_policy(ds, budget: float, ids: Sequence[str], scores: np.ndarray | 
         return uniform_plan(ids, budget)
     if ds.policy == "progressive":
         return progressive_plan(ids, budget, final_full=ds.final_full)
-    p = plan(scores, budget, ids, schedule=ds.schedule, drop=ds.drop, downsample=ds.downsample,
-             weighting=ds.weighting, keep_floor=ds.keep_floor,
-             scales_per_epoch=ds.scales_per_epoch, final_full=ds.final_full)
+    p = plan(scores, budget, ids, **plan_options(ds))
     return p.shuffled(seed) if ds.policy == "shuffled" else p
+
+
+def plan_options(ds) -> dict[str, Any]:
+    """The options of ``plan`` that a ``data_slimming`` config section ``ds`` sets."""
+    return {"schedule": ds.schedule, "drop": ds.drop, "downsample": ds.downsample,
+            "weighting": ds.weighting, "keep_floor": ds.keep_floor,
+            "scales_per_epoch": ds.scales_per_epoch, "final_full": ds.final_full}
 
 
 def cli_plan(args) -> int:

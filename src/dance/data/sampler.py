@@ -104,6 +104,12 @@ class BucketedBatchSampler(torch.utils.data.Sampler):
         self._cache = (self.plan, epoch, batches)
         return batches
 
+    def full_factor(self, epoch: int) -> float:
+        """The dataset's images over the images ``epoch``'s batches hold: what prices the
+        epoch as the plain run would train it (every image kept)."""
+        kept = sum(len(b) for b in self.epoch_batches(epoch))
+        return len(self.plan.per_image) / max(kept, 1)
+
     def __iter__(self) -> Iterator[list[Key]]:
         for batch in self.epoch_batches(self.epoch):
             per_rank = len(batch) // self.world_size

@@ -120,8 +120,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                     state.phases = run.timer.to_json()
                     # best/ before checkpoint/: a resume redoes an epoch whose checkpoint a kill
                     # cut short, and measures the same mIoU again
-                    if is_best(state.history):
-                        save_best(run, state, record["epoch"], val)
+                    if val is not None and best_validation(state.history) is record:
+                        save_best(run, record["epoch"], val)
                     save_run_checkpoint(run, state)
                 # after the checkpoint, so an epoch a resume redoes is logged once
                 text_log(out_dir, epoch_line(record, run.horizon))
@@ -132,9 +132,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         with run.timer.phase("eval"):
             val_metrics = evaluate_run(model, val_ds, cfg, rt, run.show)
         final = {"epoch": state.epoch, "val_miou": val_metrics["miou"]}
-        if rt.is_main and tc.eval_every and is_best([*state.history, final]):
-            save_best(run, state, state.epoch, val_metrics["miou"])
+        best = best_validation([*state.history, final]) if tc.eval_every else None
+        if rt.is_main and best is final:
+            save_best(run, state.epoch, final["val_miou"])
         metrics = final_metrics(run, state, plan0, val_metrics, wall_seconds, saved is not None)
+        metrics["best"] = (None if best is None else
+                           {"epoch": best["epoch"], "val_miou": best["val_miou"], "path": BEST})
         if rt.is_main:  # metrics.json last: it is what marks the run finished
             text_log(out_dir, f"finished: mIoU {metrics['miou']:.2f}, training FLOPs "
                               f"{metrics['realised_cost']:.3f} of the plain run's, "
@@ -194,11 +197,10 @@ def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, flo
     policy = state.plan.epoch_policy(epoch, tc.epochs)
     weights = torch.as_tensor(policy.weight, dtype=torch.float32)
     mean_scale = policy.mean_scale
-    images_this_epoch = sum(len(b) for b in run.sampler.epoch_batches(epoch))
     horizon = run.horizon
     # priced as the plain run would: every image kept (the ledger's plain_scale adds the
     # epochs of the recipe that the run does not train)
-    full_factor = run.n_images / max(images_this_epoch, 1)
+    full_factor = run.sampler.full_factor(epoch)
     steps = len(run.sampler)
     run_steps = min(steps, round((horizon - epoch) * steps))  # a short run stops mid-epoch
     run.ddp_model.train()
@@ -734,10 +736,16 @@ def last_good(ckpt_dir: Path) -> str:
     return f"the last good checkpoint ({folder}, after epoch {epoch}) is intact"
 
 
+def _model_state(run: Run) -> dict:
+    """What every checkpoint of a run says about its model: enough to evaluate, predict and
+    export it (the architecture is added by ``save_checkpoint``)."""
+    return {"config": run.cfg.to_dict(), "fingerprint": run.fingerprint,
+            "classes": run.class_names}
+
+
 def save_run_checkpoint(run: Run, state: TrainState) -> None:
     ckpt.save_checkpoint(run.ckpt_dir, run.model, {
-        "config": run.cfg.to_dict(), "fingerprint": run.fingerprint,
-        "classes": run.class_names, "train_state": state.to_json(),
+        **_model_state(run), "train_state": state.to_json(),
         "slimmer": run.slimmer.state_dict() if run.slimmer is not None else None,
     }, run.optimizer)
 
@@ -745,30 +753,21 @@ def save_run_checkpoint(run: Run, state: TrainState) -> None:
 BEST = "best"  # the run folder's checkpoint of the best validated model
 
 
-def is_best(history: list[dict]) -> bool:
-    """Whether the last record's validation mIoU beats every earlier one's (ties go to the
-    later, more slimmed model)."""
-    vals = [r.get("val_miou") for r in history]
-    if not vals or vals[-1] is None:
-        return False
-    return all(v is None or vals[-1] >= v for v in vals[:-1])
+def best_validation(history: list[dict]) -> dict | None:
+    """The record with the highest ``val_miou`` (ties go to the later, more slimmed model), or
+    None when nothing was validated."""
+    best = None
+    for r in history:
+        if r.get("val_miou") is not None and (best is None or r["val_miou"] >= best["val_miou"]):
+            best = r
+    return best
 
 
-def save_best(run: Run, state: TrainState, epoch: int, miou: float) -> None:
+def save_best(run: Run, epoch: int, miou: float) -> None:
     """``best/``: the model with the highest validation mIoU so far, a checkpoint folder like
     ``checkpoint/`` (no optimizer state), with ``best`` (epoch, mIoU) in its state.json."""
     ckpt.save_checkpoint(run.ckpt_dir.parent / BEST, run.model, {
-        "config": run.cfg.to_dict(), "fingerprint": run.fingerprint,
-        "classes": run.class_names, "best": {"epoch": epoch, "val_miou": miou}})
-
-
-def best_record(out_dir: Path) -> dict | None:
-    """metrics.json's ``best``: the epoch and mIoU of ``best/``, or None without one."""
-    try:
-        saved, _ = ckpt.read_state(out_dir / BEST)
-    except DanceError:
-        return None
-    return {**saved["best"], "path": BEST}
+        **_model_state(run), "best": {"epoch": epoch, "val_miou": miou}})
 
 
 def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metrics: dict,
@@ -836,7 +835,6 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         "branches": [{"name": b.name, "gate": b.gate, "gflops_share": b.gflops_share}
                      for b in branches(model, (1, 3, h, w))],
         "prune_events": state.prune_events,
-        "best": best_record(run.ckpt_dir.parent) if run.cfg.train.eval_every else None,
         "history": state.history,
         "plan_summary": {k: v for k, v in plan0.to_json().items() if k != "per_image"},
     }

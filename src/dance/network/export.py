@@ -28,17 +28,16 @@ def deployment_metadata(model: nn.Module, class_names: Sequence[str] | None) -> 
     from dance import __version__
     from dance.network.models.common import IMAGENET_MEAN, IMAGENET_STD
     arch = getattr(model, "dance_arch", None)
-    meta = {
-        "dance.version": __version__,
-        "dance.input": "image: float32 RGB in [0, 1], (batch, 3, height, width), any height and "
-                       "width; the model normalises it itself (dance.mean, dance.std)",
-        "dance.output": "logits: (batch, classes, height, width); argmax over classes is the "
-                        "train id, named by dance.classes",
-        "dance.mean": json.dumps(list(IMAGENET_MEAN)), "dance.std": json.dumps(list(IMAGENET_STD)),
-    }
-    if arch is not None and arch.is_custom:
-        # a model of the user's own (dance.slimmable): its input convention is not dance's
-        meta = {"dance.version": __version__}
+    meta = {"dance.version": __version__}
+    if arch is None or not arch.is_custom:  # a model of the user's own has its own convention
+        meta.update({
+            "dance.input": "image: float32 RGB in [0, 1], (batch, 3, height, width), any height "
+                           "and width; the model normalises it itself (dance.mean, dance.std)",
+            "dance.output": "logits: (batch, classes, height, width); argmax over classes is "
+                            "the train id, named by dance.classes",
+            "dance.mean": json.dumps(list(IMAGENET_MEAN)),
+            "dance.std": json.dumps(list(IMAGENET_STD)),
+        })
     if arch is not None:
         meta["dance.model"] = arch.name
     if class_names:
