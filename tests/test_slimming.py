@@ -317,3 +317,13 @@ def test_expected_fraction_averages_the_targets_over_training():
     assert NetworkSlimmer.expected_fraction([0.3, 0.5, 0.7], 0.5) == pytest.approx(0.75)
     assert NetworkSlimmer.expected_fraction([0.1, 0.2, 0.3], 0.5) == pytest.approx(0.6)
     assert NetworkSlimmer.expected_fraction([0.5], None) == 1.0
+    # over a part of training: the pieces it overlaps, weighted by overlap
+    assert NetworkSlimmer.expected_fraction([0.3, 0.5, 0.7], 0.5, 0.0, 0.3) == 1.0
+    assert NetworkSlimmer.expected_fraction([0.3, 0.5, 0.7], 0.5, 0.2, 0.4) == \
+        pytest.approx((1.0 + 5 / 6) / 2)
+    assert NetworkSlimmer.expected_fraction([0.3, 0.5, 0.7], 0.5, 0.9, 1.0) == pytest.approx(0.5)
+    parts = [NetworkSlimmer.expected_fraction([0.3, 0.5, 0.7], 0.5, e / 7, (e + 1) / 7)
+             for e in range(7)]
+    assert sum(parts) / 7 == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="start < end"):
+        NetworkSlimmer.expected_fraction([0.3], 0.5, 0.5, 0.5)

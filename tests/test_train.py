@@ -229,6 +229,41 @@ def test_a_joint_budget_spends_the_network_saving_on_data(runs, config, tmp_path
     assert m["realised_cost"] > 0.6  # the data side alone, priced on the original architecture
 
 
+def test_a_joint_budget_prices_the_ramp_against_the_slimming_network(runs, config, tmp_path):
+    """A progressive plan spends most in its last epochs, when the network is slimmest: planned
+    at budget / the mean fraction it would land under its budget (0.47 here); priced epoch by
+    epoch (epoch 0 at 0.8 of the FLOPs, epoch 1 at 0.6) its data budget is 0.75, and the run's
+    total lands on 0.5."""
+    _, plain, _ = runs
+    m = run_train(config, tmp_path / "ramp", "data_slimming.policy=progressive",
+                  "data_slimming.joint_budget=true", "network_slimming.prune_at=[0.25]",
+                  "network_slimming.network_budget=0.6")
+    assert m["planned_cost"] == pytest.approx(0.75, abs=0.02)
+    total = m["train_gflops_total"] / plain["train_gflops_total"]
+    assert abs(total - 0.5) <= 0.03 * 0.5, total
+
+
+def test_the_joint_data_budget_makes_the_expected_cost_the_budget():
+    from dance.data.plan import progressive_plan
+    from dance.engine.config import load_config
+    from dance.engine.train import data_budget
+    from dance.network.slimming import NetworkSlimmer
+    cfg = load_config(None)
+    cfg.data_slimming.budget = 0.5
+    cfg.network_slimming.network_budget = 0.5
+    cfg.train.epochs = 24
+    ids = [str(i) for i in range(40)]
+    draft = progressive_plan(ids, 0.5)
+    b = data_budget(cfg, draft)
+    f = [NetworkSlimmer.expected_fraction([0.3, 0.5, 0.7], 0.5, e / 24, (e + 1) / 24)
+         for e in range(24)]
+    assert np.mean(draft.epoch_costs(24, b) * f) == pytest.approx(0.5, abs=1e-6)
+    assert b > 0.5 / 0.75 + 0.03  # the flat rule's 0.667 would spend 0.464
+    assert data_budget(cfg) == pytest.approx(0.5 / 0.75)  # static plans: flat epochs
+    cfg.data_slimming.budget = 0.9  # more than the slimming network can spend: capped at 1
+    assert data_budget(cfg, draft) == 1.0
+
+
 @pytest.mark.slow  # what the trim below is for
 def test_without_the_trim_a_uniform_run_overspends(config, tmp_path):
     """sqrt(0.5) crops round up to 48x88 (over 0.51x the FLOPs of 64x128)."""

@@ -416,15 +416,22 @@ class DataSlimmingPlan:
                 pol = EpochPolicy(*(np.array([getattr(p, f) for p in self.per_image])
                                     for f in ("scale", "keep_prob", "weight")))
             else:
-                ranks = self._ranks()
-                scales = progressive_scales(self.budget, epochs, self._floor_scale(ranks),
-                                            self.final_full)
-                pol = self._split(ranks, float(scales[epoch]) ** 2)
+                pol = self._split(self._ranks(), float(self.epoch_costs(epochs)[epoch]))
                 if self.permutation is not None:
                     perm = np.asarray(self.permutation)
                     pol = EpochPolicy(pol.scale[perm], pol.keep_prob[perm], pol.weight[perm])
             self._epoch_cache[key] = pol
         return self._epoch_cache[key]
+
+    def epoch_costs(self, epochs: int, budget: float | None = None) -> np.ndarray:
+        """The predicted cost (mean keep · scale²) of each epoch of a run of ``epochs``, for this
+        plan's budget or, to price a plan before making it, for ``budget``: flat for the
+        static schedule, the ramp of `progressive_scales` for the progressive one."""
+        budget = self.budget if budget is None else check_budget(budget)
+        if self.schedule == "static":
+            return np.full(epochs, budget)
+        return progressive_scales(budget, epochs, self._floor_scale(self._ranks()),
+                                  self.final_full) ** 2
 
     def _rebuild(self, ranks: np.ndarray, permutation: list[int] | None) -> DataSlimmingPlan:
         """The same plan (budget and options) re-solved for new ranks or a new permutation."""
@@ -552,11 +559,18 @@ def load_plan(path: str | Path, ids: Sequence[str] | None = None,
                                  f"plan from this training set's scores")
             by_id = {q.id: q for q in p.per_image}
             p.per_image = [by_id[i] for i in ids]
-    if budget is not None and abs(p.budget - budget) > 1e-9:
+    if budget is not None:
+        check_plan_budget(path, p, budget)
+    return p
+
+
+def check_plan_budget(path: str | Path, p: DataSlimmingPlan, budget: float) -> None:
+    """That the plan read from ``path`` was made at ``budget`` (to the 6 digits the message
+    gives): a one-line DanceError if not."""
+    if abs(p.budget - budget) > 1e-6:
         raise DanceError(f"{path}: made at budget {p.budget:g}, this run plans its data at "
                          f"{budget:g}; make the plan with --budget {budget:g}, or set "
                          f"data_slimming.budget to match")
-    return p
 
 
 def _plan_problem(p: DataSlimmingPlan) -> str | None:

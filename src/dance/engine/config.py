@@ -191,8 +191,9 @@ class DataSlimmingConfig(_Strict):
     # the learning rate scaled by the linear rule (Multigrid training, Wu et al. 2020)
     multigrid: bool = False
     # the budget is the whole run's training FLOPs, network slimming's saving included: the data
-    # plan is made at budget / the network's expected mean FLOPs fraction over training, and the
-    # trim counts the FLOPs of the model as it is (docs/method.md#joint-budget)
+    # plan is made at the budget whose epochs, each priced at the network's expected FLOPs
+    # fraction in it, cost `budget`, and the trim counts the FLOPs of the model as it is
+    # (docs/method.md#joint-budget)
     joint_budget: bool = True
     # a plan file (dance plan --out, or a run's plan.json) instead of planning from the scores:
     # used by the dance and shuffled policies, which then take its scales, drops and weights

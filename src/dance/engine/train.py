@@ -25,7 +25,14 @@ from tqdm import tqdm
 
 from dance.data.datasets import SegmentationDataset, open_dataset
 from dance.data.loader import PlannedDataset, collate_planned, raise_batch_errors
-from dance.data.plan import DataSlimmingPlan, Hardness, load_plan, plan, plan_for_policy
+from dance.data.plan import (
+    DataSlimmingPlan,
+    Hardness,
+    check_plan_budget,
+    load_plan,
+    plan,
+    plan_for_policy,
+)
 from dance.data.sampler import BucketedBatchSampler
 from dance.data.transforms import TrainTransform, scaled_crop
 from dance.engine import checkpoint as ckpt
@@ -411,16 +418,35 @@ def joint(cfg: RunConfig) -> bool:
     return ds.enabled and ds.joint_budget and ns.enabled and ns.network_budget is not None
 
 
-def data_budget(cfg: RunConfig) -> float:
+def data_budget(cfg: RunConfig, draft: DataSlimmingPlan | None = None) -> float:
     """The budget the data plan is made at: ``data_slimming.budget``, or with a joint budget,
-    that over the network's expected mean FLOPs fraction (capped at 1): the data spends what the
-    slimmer saves (docs/method.md#joint-budget)."""
+    the budget ``B`` at which the run's expected cost, each epoch's data cost times the
+    network's expected FLOPs fraction in that epoch, equals ``data_slimming.budget`` (capped
+    at 1): the data spends what the slimmer saves (docs/method.md#joint-budget). ``draft`` (a
+    plan of the run's policy) gives the epochs' costs at ``B``; without it they are flat
+    (``B / f``, ``f`` the network's mean fraction). A progressive ramp spends most in the
+    late epochs, when the network is slimmest, so it is planned above ``B / f``."""
     budget = cfg.data_slimming.budget
     if not joint(cfg):
         return budget
     ns = cfg.network_slimming
-    mean = NetworkSlimmer.expected_fraction(ns.prune_at, ns.network_budget)
-    return min(1.0, budget / mean)
+    if draft is None or draft.schedule == "static":
+        return min(1.0, budget / NetworkSlimmer.expected_fraction(ns.prune_at, ns.network_budget))
+    epochs = cfg.train.epochs
+    fraction = np.array([NetworkSlimmer.expected_fraction(ns.prune_at, ns.network_budget,
+                                                          e / epochs, (e + 1) / epochs)
+                         for e in range(epochs)])
+
+    def cost(b: float) -> float:
+        return float(np.mean(draft.epoch_costs(epochs, b) * fraction))
+
+    if cost(1.0) <= budget:
+        return 1.0
+    lo, hi = budget, 1.0  # cost rises with b (every epoch's scale does); cost(budget) <= budget
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cost(mid) < budget else (lo, mid)
+    return lo
 
 
 def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: Path | None,
@@ -431,14 +457,18 @@ def build_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, score_cache: 
     if not ds.enabled:
         return plan(np.zeros(len(ids)), 1.0, ids)
     if ds.plan is not None and ds.policy in ("dance", "shuffled"):
-        p = load_plan(ds.plan, ids, data_budget(cfg))
+        p = load_plan(ds.plan, ids)
+        check_plan_budget(ds.plan, p, data_budget(cfg, p))
         return p.shuffled(cfg.train.seed) if ds.policy == "shuffled" else p
     scores = None
     if ds.policy in ("dance", "shuffled"):
         from dance.data.scoring import score_dataset
         rows = score_dataset(train_ds, (ds.indicator,), cache_path=score_cache, progress=progress)
         scores = np.array([r.score for r in rows], dtype=np.float64)
-    return plan_for_policy(ds, data_budget(cfg), ids, scores, cfg.train.seed)
+    draft = plan_for_policy(ds, ds.budget, ids, scores, cfg.train.seed)
+    budget = data_budget(cfg, draft)
+    return draft if budget == ds.budget else plan_for_policy(ds, budget, ids, scores,
+                                                             cfg.train.seed)
 
 
 def shared_data_plan(cfg: RunConfig, train_ds: SegmentationDataset, out_dir: Path,

@@ -273,17 +273,23 @@ class NetworkSlimmer:
         return _share(self.prune_at.index(point) + 1, len(self.prune_at), self.network_budget)
 
     @staticmethod
-    def expected_fraction(prune_at: Sequence[float], network_budget: float | None) -> float:
-        """The model's inference FLOPs averaged over training, as a fraction of the original's,
-        if every pruning point lands on its target: 1 until the first point, then each
-        point's share of ``network_budget`` (``target_fraction``). 1 without a budget."""
+    def expected_fraction(prune_at: Sequence[float], network_budget: float | None,
+                          start: float = 0.0, end: float = 1.0) -> float:
+        """The model's inference FLOPs averaged over the part ``start``..``end`` of training
+        (all of it by default), as a fraction of the original's, if every pruning point lands
+        on its target: 1 until the first point, then each point's share of ``network_budget``
+        (``target_fraction``). 1 without a budget."""
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"expected_fraction needs 0 <= start < end <= 1, got {start}, {end}")
         if network_budget is None or not prune_at:
             return 1.0
-        points = sorted(prune_at) + [1.0]
-        mean = points[0]
-        for k in range(len(prune_at)):
-            mean += (points[k + 1] - points[k]) * _share(k + 1, len(prune_at), network_budget)
-        return mean
+        points = [0.0] + sorted(prune_at) + [1.0]
+        total = 0.0
+        for k in range(len(points) - 1):  # piece k: after the k-th point, share k of the budget
+            overlap = min(end, points[k + 1]) - max(start, points[k])
+            if overlap > 0:
+                total += overlap * _share(k, len(prune_at), network_budget)
+        return total / (end - start)
 
     # -- pruning --------------------------------------------------------------------------------
 
