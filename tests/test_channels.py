@@ -193,6 +193,57 @@ def test_network_budget_is_met_by_channels_and_branches_within_5_percent():
     rebuilt.load_state_dict(model.state_dict())
 
 
+def test_a_channels_activation_traffic_is_exact_for_one_group_at_a_time():
+    """``melems_per_channel`` is what removing a chunk of the group takes off the model's
+    activation traffic, as ``gflops_per_channel`` is for its FLOPs."""
+    from dance.network.channels import activation_traffic
+    model = randomized("deeplabv3plus_mbv2")
+    before = activation_traffic(model, SHAPE)
+    groups = [g for g in channel_groups(model, SHAPE) if g.chunk()]
+    assert before > 0 and all(g.melems_per_channel > 0 for g in groups)
+    for g in groups[::5]:
+        slim = copy.deepcopy(model)
+        remove_channels(slim, g.layer, list(range(g.chunk())))
+        moved = before - activation_traffic(slim, SHAPE)
+        assert moved == pytest.approx(g.chunk() * g.melems_per_channel, rel=1e-6), g.layer
+        assert g.cost(0.5) == pytest.approx(g.gflops_per_channel + 0.5 * g.melems_per_channel)
+
+
+@pytest.mark.parametrize("memory_weight", [0.0, 0.3])
+def test_a_network_budget_lands_within_2_percent_on_a_small_model(memory_weight):
+    """On the demo's model at 64x128 one 8-channel chunk of the stride-4 decoder is 7% of the
+    FLOPs: the last picks pass over chunks that would overshoot (it landed at 0.46 for 0.5)."""
+    from dance.bench.models import slim_to
+    torch.manual_seed(0)
+    model = dance.build_model("deeplabv3plus_mbv2", 19, width_mult=0.5, aspp_channels=64,
+                              decoder_channels=64)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    shape = (1, 3, 64, 128)
+    before = count_gflops(model, shape)
+    slim_to(model, 0.5, shape, memory_weight)
+    assert count_gflops(model, shape) / before == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_memory_weight_moves_the_cut_to_high_resolution():
+    """Ranked by FLOPs plus activation traffic, a cut to the same FLOPs removes channels that
+    move more activations (the memory-bound part of CPU time)."""
+    from dance.bench.models import slim_to
+    from dance.network.channels import activation_traffic
+    traffic = []
+    for weight in (0.0, 1.0):
+        model = randomized("deeplabv3plus_mbv2")
+        before = activation_traffic(model, SHAPE)
+        slim_to(model, 0.5, SHAPE, weight)
+        traffic.append(activation_traffic(model, SHAPE) / before)
+    assert traffic[1] < traffic[0] - 0.05, traffic
+    with pytest.raises(DanceError, match="memory_weight must be >= 0"):
+        NetworkSlimmer(randomized("deeplabv3plus_mbv2"), network_budget=0.5, input_shape=SHAPE,
+                       channels=True, memory_weight=-1.0)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated upstream
 # two families in the CI run (a decoder concat; HRNet's streams and head), the rest marked slow
 @pytest.mark.parametrize("name", [n if n in ("deeplabv3plus_mbv2", "hrnet_w18_small")

@@ -139,6 +139,10 @@ def _bench_commands(sub) -> None:
     p.add_argument("--network-budget", type=float, default=None,
                    help="instead of removing the largest branches, slim each model (channels "
                         "and branches) to this fraction of its FLOPs")
+    p.add_argument("--memory-weight", type=float, default=0.0,
+                   help="with --network-budget: rank channels and branches by GFLOPs plus this "
+                        "many GFLOPs per million activation elements they move "
+                        "(network_slimming.memory_weight)")
     p.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--models", default=None, help="comma-separated (default: all)")
     p.add_argument("--runs", type=_int_at_least(0), default=5,

@@ -58,21 +58,25 @@ def largest_branches(model: torch.nn.Module, shape: tuple[int, ...]) -> list[str
     return [b.name for b in best.values()]
 
 
-def slim_to(model: torch.nn.Module, fraction: float, shape: tuple[int, ...]) -> list[str]:
+def slim_to(model: torch.nn.Module, fraction: float, shape: tuple[int, ...],
+            memory_weight: float = 0.0) -> list[str]:
     """Slim ``model`` in place to ``fraction`` of its inference FLOPs at ``shape`` the way a
     training run's last pruning point would, from its weights alone (BatchNorm-scale channel
-    importance, no probe batches): what a channel-slimmed model of this family costs to run."""
+    importance, no probe batches, ``memory_weight`` as ``network_slimming.memory_weight``):
+    what a channel-slimmed model of this family costs to run."""
     from dance.network.slimming import NetworkSlimmer
     slimmer = NetworkSlimmer(model, lam=0.0, prune_at=(1.0,), gate_threshold=0.0,
                              network_budget=fraction, importance="gate", input_shape=shape,
-                             channels=True, channel_importance="bn_scale")
+                             channels=True, channel_importance="bn_scale",
+                             memory_weight=memory_weight)
     event = slimmer.prune(model, [], None, 1.0)
     n = sum(len(c["channels"]) for c in event.channels)
     return event.removed + ([f"{n} channels"] if n else [])
 
 
 def _before_and_after(name: str, num_classes: int, dev: torch.device, shape: tuple[int, ...],
-                      runs: int, network_budget: float | None = None) -> dict:
+                      runs: int, network_budget: float | None = None,
+                      memory_weight: float = 0.0) -> dict:
     """One row of `bench_models`: ``name`` and its copy with the largest branches removed, or
     with ``network_budget``, slimmed (channels and branches) to that fraction of its FLOPs."""
     from dance.network.gates import remove_branches
@@ -80,7 +84,7 @@ def _before_and_after(name: str, num_classes: int, dev: torch.device, shape: tup
     model = build_model(name, num_classes).eval().to(dev)
     slim = copy.deepcopy(model)
     if network_budget is not None:
-        removed = slim_to(slim, network_budget, shape)
+        removed = slim_to(slim, network_budget, shape, memory_weight)
     else:
         removed = largest_branches(model, shape)
         remove_branches(slim, removed)
@@ -92,10 +96,12 @@ def _before_and_after(name: str, num_classes: int, dev: torch.device, shape: tup
 
 def bench_models(size: tuple[int, int] = (512, 1024), device: str = "cpu",
                  models: Sequence[str] | None = None, runs: int = 5, threads: int = 2,
-                 num_classes: int = 19, network_budget: float | None = None) -> dict:
+                 num_classes: int = 19, network_budget: float | None = None,
+                 memory_weight: float = 0.0) -> dict:
     """Params and GFLOPs (FlopCounterMode, multiply-add = 2) of each model and of a copy with
     the largest branch of each multi-scale module removed (with ``network_budget``: slimmed,
-    channels and branches, to that fraction of its FLOPs, ``slim_to``); latency: median of
+    channels and branches, to that fraction of its FLOPs, ``slim_to``, ranked with
+    ``memory_weight``); latency: median of
     ``runs`` forwards (batch 1, eval, inference mode, fp32) after one warm-up, the two models
     alternating."""
     from dance.engine.runtime import pick_device
@@ -115,12 +121,14 @@ def bench_models(size: tuple[int, int] = (512, 1024), device: str = "cpu",
     try:
         for name in names:
             say(f"{name}")
-            rows.append(_before_and_after(name, num_classes, dev, shape, runs, network_budget))
+            rows.append(_before_and_after(name, num_classes, dev, shape, runs, network_budget,
+                                          memory_weight))
     finally:
         torch.set_num_threads(threads_before)
     return {"bench": "models", "machine": finish_machine(machine),
             "setup": {"size": list(size), "runs": runs, "threads": threads,
-                      "num_classes": num_classes, "network_budget": network_budget},
+                      "num_classes": num_classes, "network_budget": network_budget,
+                      "memory_weight": memory_weight},
             "models": rows}
 
 
@@ -197,7 +205,8 @@ def format_models(r: dict) -> str:
           _change(m["before"], m["after"], "gflops", ".1f"),
           _change(m["before"], m["after"], "latency_ms", ".0f")) for m in r["models"]])
     what = (f"Each model slimmed to {s['network_budget']:g} of its FLOPs (channels and branches, "
-            "BatchNorm-scale importance). " if s.get("network_budget") else "")
+            f"BatchNorm-scale importance, memory weight {s.get('memory_weight', 0.0):g}). "
+            if s.get("network_budget") else "")
     return (f"{what}Input 1x3x{s['size'][0]}x{s['size'][1]}, {s['num_classes']} classes, "
             f"{s['runs']} timed runs (median), {s['threads']} CPU threads.\n"
             f"{machine_line(r['machine'])}\n\n{table}")
@@ -210,5 +219,6 @@ def run(args: argparse.Namespace) -> int:
                                          args.threads), format_deployed)
     names = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     result = bench_models(args.size_given or (512, 1024), args.device, names, args.runs,
-                          args.threads, args.num_classes, args.network_budget)
+                          args.threads, args.num_classes, args.network_budget,
+                          args.memory_weight)
     return show(args, result, format_models)

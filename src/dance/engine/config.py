@@ -228,6 +228,11 @@ class NetworkSlimmingConfig(_Strict):
     channels: bool = True
     channel_lambda: float = Field(1e-4, ge=0)
     channel_importance: Literal["taylor", "bn_scale"] = "taylor"
+    # the ranking's cost of a channel or branch: its GFLOPs plus this many GFLOPs per million
+    # activation elements it moves (written by convolutions and BatchNorms, read by dense
+    # convolutions), the memory-bound part of inference time (docs/method.md#channel-cost);
+    # 0 ranks by FLOPs alone. The budget is FLOPs either way
+    memory_weight: float = Field(0.0, ge=0)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

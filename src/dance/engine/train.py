@@ -496,7 +496,8 @@ def make_slimmer(cfg: RunConfig, model: nn.Module) -> NetworkSlimmer | None:
                           max_removals_per_point=ns.max_removals_per_point,
                           channels=ns.channels and ns.network_budget is not None,
                           channel_lambda=ns.channel_lambda,
-                          channel_importance=ns.channel_importance)
+                          channel_importance=ns.channel_importance,
+                          memory_weight=ns.memory_weight)
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

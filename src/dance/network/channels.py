@@ -34,13 +34,14 @@ import torch_pruning as tp
 from torch import nn
 
 from dance.errors import DanceError
-from dance.network.flops import architecture_signature, counting_copy
+from dance.network.flops import architecture_signature, meta_copy
 
 ROUND_TO = 8
 # The dependency graph does not depend on the input size; trace on a small one (every model's
 # coarsest feature map is still at least 2x2 at 64x64).
 _TRACE_SHAPE = (1, 3, 64, 64)
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COSTED = (nn.Conv2d, nn.BatchNorm2d)  # the layers whose activations a channel's cost counts
 
 
 @dataclass
@@ -52,7 +53,9 @@ class ChannelGroup:
     BatchNorms among them (whose scales the sparsity term pushes down), and
     ``gflops_per_channel`` the inference GFLOPs one of its channels costs at the shape it was
     measured at (every layer it touches, counted per channel: linear in the channels removed,
-    exact for one group at a time).
+    exact for one group at a time), ``melems_per_channel`` the million activation elements one
+    of its channels makes an inference write (in its convolutions and BatchNorms) and read (in
+    the dense convolutions that consume it).
     """
 
     layer: str
@@ -60,6 +63,12 @@ class ChannelGroup:
     layers: list[str]
     bns: list[str]
     gflops_per_channel: float
+    melems_per_channel: float = 0.0
+
+    def cost(self, memory_weight: float = 0.0) -> float:
+        """What one channel costs in the slimmer's ranking: its GFLOPs plus ``memory_weight``
+        GFLOPs per million activation elements it moves (docs/method.md#channel-cost)."""
+        return self.gflops_per_channel + memory_weight * self.melems_per_channel
 
     def chunk(self, round_to: int = ROUND_TO) -> int:
         """How many channels the next removal takes (``chunk_size``)."""
@@ -167,17 +176,26 @@ def output_layers(model: nn.Module) -> list[nn.Module]:
             if isinstance(m, nn.Conv2d) and m.out_channels == arch.num_classes]
 
 
-def conv_gflops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float]:
-    """Inference GFLOPs of every convolution of ``model`` at ``input_shape`` (multiply-add = 2,
-    like dance's FLOPs counter), by path; counted on a meta copy."""
-    net = counting_copy(model)
-    out: dict[str, float] = {}
+def layer_costs(model: nn.Module, input_shape: Sequence[int]
+                ) -> dict[str, tuple[float, float, float]]:
+    """Per convolution and BatchNorm of ``model`` at ``input_shape``, by path: its inference
+    GFLOPs (multiply-add = 2, like dance's FLOPs counter; 0 for a BatchNorm), and the million
+    activation elements it writes per output channel and reads per input channel (``N·H·W``);
+    counted on a meta copy."""
+    net = meta_copy(model).eval()
+    out: dict[str, tuple[float, float, float]] = {}
     handles = []
     for name, m in net.named_modules():
-        if isinstance(m, nn.Conv2d):
-            def hook(mod, _inp, y, name=name):
-                k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-                out[name] = out.get(name, 0.0) + 2.0 * y.numel() * k / 1e9
+        if isinstance(m, _COSTED):
+            def hook(mod, inp, y, name=name):
+                flops = 0.0
+                if isinstance(mod, nn.Conv2d):
+                    k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+                    flops = 2.0 * y.numel() * k / 1e9
+                x = inp[0]
+                prev = out.get(name, (0.0, 0.0, 0.0))
+                out[name] = (prev[0] + flops, prev[1] + y.numel() / y.shape[1] / 1e6,
+                             prev[2] + x.numel() / x.shape[1] / 1e6)
             handles.append(m.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -188,22 +206,40 @@ def conv_gflops(model: nn.Module, input_shape: Sequence[int]) -> dict[str, float
     return out
 
 
+def activation_traffic(model: nn.Module, input_shape: Sequence[int]) -> float:
+    """Million activation elements one inference at ``input_shape`` writes in its convolutions
+    and BatchNorms and reads in its dense (not depthwise) convolutions: what a channel group's
+    ``melems_per_channel`` counts, summed over the model (docs/method.md#channel-cost)."""
+    total = 0.0
+    for name, (_, out_per, in_per) in layer_costs(model, input_shape).items():
+        m = model.get_submodule(name)
+        if isinstance(m, nn.Conv2d):
+            total += out_per * m.out_channels + (in_per * m.in_channels if m.groups == 1 else 0.0)
+        else:
+            total += out_per * m.num_features
+    return total
+
+
 def channel_groups(model: nn.Module, input_shape: Sequence[int] = (1, 3, 512, 1024)
                    ) -> list[ChannelGroup]:
     """Every removable channel group of ``model`` as it is now, with what a channel of it costs
     at ``input_shape``."""
     g = _graph(model)
-    flops = conv_gflops(model, input_shape)
+    costs = layer_costs(model, input_shape)
+    none = (0.0, 0.0, 0.0)
     groups = []
     for layer, group in g.groups.items():
-        outs = g.out_items(group)
-        cost = sum(flops.get(n, 0.0) / m.out_channels for n, m in outs if isinstance(m, nn.Conv2d))
-        cost += sum(flops.get(n, 0.0) / m.in_channels for n, m in g.in_items(group))
+        outs, ins = g.out_items(group), g.in_items(group)
+        gflops = sum(costs.get(n, none)[0] / m.out_channels for n, m in outs
+                     if isinstance(m, nn.Conv2d))
+        gflops += sum(costs.get(n, none)[0] / m.in_channels for n, m in ins)
+        melems = sum(costs.get(n, none)[1] for n, m in outs if isinstance(m, _COSTED))
+        melems += sum(costs.get(n, none)[2] for n, _ in ins)
         groups.append(ChannelGroup(
             layer=layer, channels=model.get_submodule(layer).out_channels,
             layers=[n for n, _ in outs],
             bns=[n for n, m in outs if isinstance(m, nn.BatchNorm2d)],
-            gflops_per_channel=cost))
+            gflops_per_channel=gflops, melems_per_channel=melems))
     return groups
 
 

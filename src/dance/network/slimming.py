@@ -42,13 +42,17 @@ from torch import nn
 from dance.engine.runtime import unwrap_model
 from dance.errors import DanceError
 from dance.network import channels as ch
-from dance.network.flops import architecture_signature, count_gflops
+from dance.network.flops import architecture_signature, count_gflops, meta_copy
 from dance.network.gates import NO_BRANCHES, branches, multiscale_modules, remove_branches
 
 IMPORTANCE_KINDS = ("loss", "gate")
 CHANNEL_IMPORTANCE_KINDS = ("taylor", "bn_scale")
 # Below this many GFLOPs a branch counts as free; keeps importance-per-GFLOP finite (and JSON-able).
 _MIN_GFLOPS = 1e-9
+# A budget removal may land this far below its target (a fraction of it): one 8-channel chunk of
+# a wide, high-resolution layer can be 5% of a small model, so the last picks skip such chunks
+# for smaller ones rather than overshoot (the budget promises +-5%)
+_OVERSHOOT = 0.02
 
 ProbeBatches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,7 +142,8 @@ class NetworkSlimmer:
                  network_budget: float | None = None, importance: str = "loss",
                  input_shape: Sequence[int] = (1, 3, 512, 1024), loss_tolerance: float = 0.01,
                  max_removals_per_point: int = 1, channels: bool = False,
-                 channel_lambda: float = 1e-4, channel_importance: str = "taylor"):
+                 channel_lambda: float = 1e-4, channel_importance: str = "taylor",
+                 memory_weight: float = 0.0):
         if not lam >= 0:
             raise DanceError(f"network_slimming.lambda must be >= 0, got {lam!r}")
         prune_at = sorted({float(p) for p in prune_at})
@@ -181,6 +186,9 @@ class NetworkSlimmer:
                              f"channels=True with a network_budget")
         if channels:
             ch.output_layers(unwrap_model(model))  # the logits must be known: now, not mid-run
+        if not (math.isfinite(memory_weight) and memory_weight >= 0):
+            raise DanceError(f"network_slimming.memory_weight must be >= 0, got {memory_weight!r}")
+        self.memory_weight = float(memory_weight)
         self.channels = bool(channels)
         self.channel_lambda = float(channel_lambda)
         self.channel_importance = channel_importance
@@ -251,9 +259,10 @@ class NetworkSlimmer:
         key = (architecture_signature(model), shape)
         if key not in self._channel_terms:
             groups = [g for g in ch.channel_groups(model, shape) if g.bns]
-            mean = sum(g.gflops_per_channel for g in groups) / max(len(groups), 1)
-            self._channel_terms[key] = [(g.bns, g.gflops_per_channel / max(mean, _MIN_GFLOPS))
-                                        for g in groups]
+            cost = [g.cost(self.memory_weight) for g in groups]
+            mean = sum(cost) / max(len(groups), 1)
+            self._channel_terms[key] = [(g.bns, c / max(mean, _MIN_GFLOPS))
+                                        for g, c in zip(groups, cost)]
         return self._channel_terms[key]
 
     # -- schedule -------------------------------------------------------------------------------
@@ -340,17 +349,24 @@ class NetworkSlimmer:
         largest: dict[str, float] = {}
         for i in infos:
             largest[i.module_path] = max(largest.get(i.module_path, 0.0), abs(i.gate))
+        traffic = ch.activation_traffic(model, self.input_shape) if self.memory_weight else 0.0
         table = {}
         for i in infos:
             rel_gate = abs(i.gate) / largest[i.module_path] if largest[i.module_path] > 0 else 0.0
             saved = i.gflops_share * total
+            cost = saved
+            if self.memory_weight and i.gflops_share > 0:  # a module's last branch stays: 0
+                without = meta_copy(model)
+                without.get_submodule(i.module_path).remove_branches([i.branch])
+                cost += self.memory_weight * (
+                    traffic - ch.activation_traffic(without, self.input_shape))
             rise = probe.loss([i.name]) - base if probe is not None else None
             rel_rise = None if rise is None else rise / max(abs(base), 1e-12)
             merit = rise if self.importance == "loss" else rel_gate
             table[i.name] = {
                 "module": i.module_path, "gate": float(i.gate), "rel_gate": rel_gate,
                 "loss_rise": rise, "rel_loss_rise": rel_rise, "gflops_saved": saved,
-                "score": merit / max(saved, _MIN_GFLOPS), "removed_by": None,
+                "score": merit / max(cost, _MIN_GFLOPS), "removed_by": None,
             }
         return table, base
 
@@ -438,7 +454,9 @@ class NetworkSlimmer:
         """Meet ``target`` GFLOPs by removing channel chunks and branches together, least
         important per GFLOP first (docs/method.md#channel-slimming). In rounds: rank every chunk
         (``ROUND_TO`` channels of a group, its least important first) and every removable branch,
-        take them in order until their estimated saving covers the gap, remove, re-count, repeat.
+        take them in order until their estimated saving covers the gap (passing over any that
+        would take it past the gap by more than ``_OVERSHOOT`` of the target; when all would,
+        the one that saves least), remove, re-count, repeat.
         Returns True when nothing removable is left before the target is met."""
         while (now := count_gflops(model, self.input_shape)) > target:
             gap = now - target
@@ -457,6 +475,8 @@ class NetworkSlimmer:
             candidates.sort(key=lambda c: c["score"])
             picked, saved = [], 0.0
             for c in candidates:
+                if saved + c["gflops_saved"] > gap + _OVERSHOOT * target:
+                    continue  # would land far below the target: a smaller one may fit
                 if "branch" in c:
                     module = c["row"]["module"]
                     if sum(1 for p in picked if p.get("module") == module) + 1 >= counts[module]:
@@ -466,6 +486,11 @@ class NetworkSlimmer:
                 saved += c["gflops_saved"]
                 if saved >= gap:
                     break
+            if not picked:  # every one overshoots: the one that overshoots least
+                c = min(candidates, key=lambda c: c["gflops_saved"])
+                if "branch" in c:
+                    c["module"] = c["row"]["module"]
+                picked = [c]
             for c in picked:
                 if "branch" in c:  # live at this point's start, so in ``table``
                     remove_branches(model, [c["branch"]])
@@ -503,9 +528,10 @@ class NetworkSlimmer:
                 value = float(imp[idx].sum())
                 if not math.isfinite(value):
                     break
-                cost = k * g.gflops_per_channel
+                cost = k * g.cost(self.memory_weight)
                 out.append({"layer": g.layer, "channels": idx, "importance": value,
-                            "gflops_saved": cost, "score": value / max(cost, _MIN_GFLOPS)})
+                            "gflops_saved": k * g.gflops_per_channel,
+                            "score": value / max(cost, _MIN_GFLOPS)})
                 start, width = start + k, width - k
         return out
 
