@@ -241,6 +241,9 @@ def test_a_joint_budget_prices_the_ramp_against_the_slimming_network(runs, confi
     assert m["planned_cost"] == pytest.approx(0.75, abs=0.02)
     total = m["train_gflops_total"] / plain["train_gflops_total"]
     assert abs(total - 0.5) <= 0.03 * 0.5, total
+    # the trim prices the epochs to come at the network expected then: the run is planned
+    # at its full length from the first epoch on (priced on the unslimmed model: 1.5 epochs)
+    assert m["history"][0]["horizon"] > 1.8, [h["horizon"] for h in m["history"]]
 
 
 def test_the_joint_data_budget_makes_the_expected_cost_the_budget():

@@ -118,7 +118,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                     val = evaluate_run(model, val_ds, cfg, rt, run.show)["miou"]
             record = {"epoch": epoch + 1, "step": state.global_step, "loss": epoch_loss,
                       "lr": lr, "mean_scale": mean_scale, "gates": gate_values(model),
-                      "realised_cost": state.ledger.realised_cost, "val_miou": val}
+                      "realised_cost": state.ledger.realised_cost, "horizon": run.horizon,
+                      "val_miou": val}
             state.history.append(record)
             log_epoch(run, record)
             check_finite(run, epoch)  # every rank, before rank 0 replaces the last checkpoint
@@ -533,7 +534,7 @@ def horizon_epochs(cfg: RunConfig) -> float:
 
 def budget_horizon(cfg: RunConfig, sampler: BucketedBatchSampler, n_images: int,
                    step_cost=None, from_epoch: int = 0, spent: float = 0.0,
-                   full_cost: float | None = None) -> float:
+                   full_cost: float | None = None, epoch_factor=None) -> float:
     """How many epochs (fractional) the run trains, its learning-rate schedule spanning them.
 
     A slimmed data plan predicts its cost from scales alone; the batches really trained cost
@@ -545,7 +546,9 @@ def budget_horizon(cfg: RunConfig, sampler: BucketedBatchSampler, n_images: int,
     the budget times the plain run's, so every run of a compare spends the same compute
     (docs/method.md#cost-accounting). ``step_cost(hw)`` is the cost of one image at crop ``hw``
     (the model's training FLOPs; input pixels when None), ``full_cost`` that of an image at
-    the full crop (default ``step_cost(crop)``). The recipe's length is the limit."""
+    the full crop (default ``step_cost(crop)``); ``epoch_factor(epoch)``, when given, scales the
+    steps of each epoch to come (a joint budget: how much slimmer the network is expected to be
+    then, `network_outlook`). The recipe's length is the limit."""
     base = horizon_epochs(cfg)
     ds, tc = cfg.data_slimming, cfg.train
     if not (ds.enabled and ds.trim_to_budget):
@@ -557,16 +560,35 @@ def budget_horizon(cfg: RunConfig, sampler: BucketedBatchSampler, n_images: int,
     units: dict[float, float] = {}
     for epoch in range(from_epoch, math.ceil(base - 1e-9)):
         batches = sampler.epoch_batches(epoch)
+        factor = 1.0 if epoch_factor is None else epoch_factor(epoch)
         for i, batch in enumerate(batches):
             scale = batch[0][1]
             if scale not in units:
                 units[scale] = step_cost(scaled_crop(crop, scale)) / full
-            step = units[scale] * len(batch)
+            step = units[scale] * len(batch) * factor
             spent += step
             if spent > allowed * (1 + 1e-9):  # stop before or after this step, whichever is nearer
                 over, under = spent - allowed, allowed - (spent - step)
                 return min(base, epoch + (i + (over < under)) / len(batches))
     return base
+
+
+def network_outlook(cfg: RunConfig, slimmer: NetworkSlimmer):
+    """For the trim of a joint budget: ``epoch -> factor``, how much cheaper than now the model
+    is expected to be in that epoch of the recipe: the network's expected FLOPs fraction there
+    (``NetworkSlimmer.expected_fraction``, the pruning points at their share of the recipe's
+    epochs) over the target of the last point done (at most 1; 1 once every point is done). So
+    the horizon does not shrink for steps the pruning points will make cheaper, and the
+    learning-rate schedule and the points keep their places in the run."""
+    ns, epochs = cfg.network_slimming, cfg.train.epochs
+    reached = slimmer.target_fraction(max(slimmer.done)) if slimmer.done else 1.0
+
+    def factor(epoch: int) -> float:
+        ahead = NetworkSlimmer.expected_fraction(ns.prune_at, ns.network_budget,
+                                                 min(epoch, epochs - 1) / epochs,
+                                                 min(epoch + 1, epochs) / epochs)
+        return min(1.0, ahead / reached)
+    return factor
 
 
 def set_horizon(run: Run, state: TrainState, epoch: int) -> bool:
@@ -586,7 +608,9 @@ def set_horizon(run: Run, state: TrainState, epoch: int) -> bool:
                                  lambda hw: count_gflops(model, (1, 3, *hw), backward=True),
                                  from_epoch=epoch, spent=spent,
                                  full_cost=count_gflops(reference, (1, 3, *run.cfg.train.crop),
-                                                        backward=True))
+                                                        backward=True),
+                                 epoch_factor=(network_outlook(run.cfg, run.slimmer)
+                                               if together else None))
     return epoch < math.ceil(run.horizon - 1e-9)
 
 
