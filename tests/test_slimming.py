@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dance
 from dance.errors import DanceError
 from dance.network.flops import count_gflops
 from dance.network.gates import GatedBranches
@@ -244,6 +245,32 @@ def test_rebuild_optimizer_puts_new_parameters_in_their_module_group(toy):
     assert int(rebuilt.state[model.stem[0].weight]["step"]) == 2
     train(model, rebuilt, None, toy["images"], toy["masks"], 1)
     assert int(rebuilt.state[model.context.project[0].weight]["step"]) == 1
+
+
+def test_new_branch_parameters_keep_weight_decay_not_the_gates_group():
+    """A branch convolution sliced by channel removal is new to the optimizer; its nearest
+    neighbours are its module's gates (no weight decay): it joins the weights' group, where the
+    trainer's optimizer puts it after a resume (the resumed run diverged before)."""
+    from dance.engine.config import load_config
+    from dance.engine.train import make_optimizer
+    from dance.network import channels as ch
+    from dance.network.gates import remove_branches
+    cfg = load_config(None)
+    torch.manual_seed(0)
+    model = dance.build_model("deeplabv3plus_mbv2", 5, width_mult=0.35, aspp_channels=16,
+                              decoder_channels=16)
+    optimizer = make_optimizer(model, cfg)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [cfg.train.weight_decay, 0.0]
+    remove_branches(model, ["aspp.rate6", "aspp.rate12", "aspp.rate18", "aspp.pool"])
+    ch.remove_channels(model, "aspp.branches.conv1x1.0", list(range(8)))
+    rebuilt = rebuild_optimizer(optimizer, model)
+    fresh = make_optimizer(model, cfg)
+    group = {id(p): i for i, g in enumerate(rebuilt.param_groups) for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert {n: group[id(p)] for n, p in names.items()} == \
+        {n: i for i, g in enumerate(fresh.param_groups) for n in names if
+         any(q is names[n] for q in g["params"])}
+    assert group[id(model.aspp.branches.conv1x1[0].weight)] == 0
 
 
 def test_network_budget_forces_removal_of_least_important(toy):

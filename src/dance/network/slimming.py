@@ -589,9 +589,11 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer,
 
     Parameters that survived keep their group and their state (e.g. momentum); removed ones are
     dropped with their state; new trainable parameters (a projection conv sliced to fewer inputs)
-    join the group of their nearest enclosing module's parameters, with fresh state. The optimizer
-    is updated in place and returned, so its class, hyper-parameters and param-group options are
-    unchanged and LR schedulers (and anything else) holding it keep working.
+    join the group of the nearest parameter of their kind (`_nearest_group`), with fresh state,
+    where an optimizer built by kind (weight decay for weights, none for gates) puts them after
+    a resume too. The optimizer is updated in place and returned, so its class,
+    hyper-parameters and param-group options are unchanged and LR schedulers (and anything
+    else) holding it keep working.
     """
     named = list(unwrap_model(model).named_parameters())
     alive = {id(p) for _, p in named}
@@ -601,20 +603,30 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer,
     for group in optimizer.param_groups:
         # slice-assign: some optimizers (LBFGS) hold on to the list object itself
         group["params"][:] = [p for p in group["params"] if id(p) in alive]
+    kinds = {f"{path}.{leaf}" if path else leaf: (type(m), leaf)
+             for path, m in unwrap_model(model).named_modules()
+             for leaf, _ in m.named_parameters(recurse=False)}
     for name, p in named:
         if id(p) not in group_of and p.requires_grad:
-            optimizer.param_groups[_nearest_group(name, named, group_of)]["params"].append(p)
+            group = _nearest_group(name, named, group_of, kinds)
+            optimizer.param_groups[group]["params"].append(p)
     return optimizer
 
 
 def _nearest_group(name: str, named: list[tuple[str, nn.Parameter]],
-                   group_of: dict[int, int]) -> int:
-    """The group of the optimizer-held parameter that shares the longest module path with
-    ``name``; group 0 when none does."""
+                   group_of: dict[int, int], kinds: dict[str, tuple[type, str]]) -> int:
+    """The group of the optimizer-held parameter of the same kind (``kinds``: module type and
+    parameter name, e.g. a convolution's weight) that shares the longest module path with
+    ``name``, anywhere in the model if none nearby does; else of any parameter that shares a
+    path; group 0 when none does. The kind comes first because a module can hold parameters
+    of a different group than its children: a multi-scale module's gates have no weight decay,
+    the convolutions of its branches do."""
     parts = name.split(".")[:-1]
-    for depth in range(len(parts), 0, -1):
-        prefix = ".".join(parts[:depth]) + "."
-        for other, q in named:
-            if other.startswith(prefix) and id(q) in group_of:
-                return group_of[id(q)]
+    for same_kind in (True, False):
+        for depth in range(len(parts), -1 if same_kind else 0, -1):
+            prefix = ".".join(parts[:depth]) + "." if depth else ""
+            for other, q in named:
+                if (other.startswith(prefix) and id(q) in group_of
+                        and (not same_kind or kinds[other] == kinds[name])):
+                    return group_of[id(q)]
     return 0
