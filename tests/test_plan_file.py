@@ -90,6 +90,10 @@ def test_train_takes_the_plan_file_dance_plan_wrote(tmp_path_factory, tmp_path, 
     err = capsys.readouterr().err
     assert "made at budget 0.4, this run plans its data at 0.5" in err and str(pfile) in err
     assert not (tmp_path / "run").exists()
+    # a missing file is named with its key when the config loads, before any data is read
+    assert main(["train", *common, f"data_slimming.plan={tmp_path / 'missing.json'}"]) == 1
+    err = capsys.readouterr().err
+    assert "data_slimming.plan: no such plan file" in err and len(err.splitlines()) == 1
     assert main(["train", *common, f"data_slimming.plan={pfile}",
                  "data_slimming.budget=0.4"]) == 0
     run = tmp_path / "run"

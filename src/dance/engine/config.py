@@ -202,7 +202,10 @@ class DataSlimmingConfig(_Strict):
     @field_validator("plan")
     @classmethod
     def _plan(cls, v: str | None) -> str | None:
-        return _path_text(v)
+        # checked when the config loads, before the dataset is read and scored
+        if _path_text(v) is not None and not Path(v).is_file():
+            raise ValueError(f"no such plan file: {v!r} (write one with dance plan --out)")
+        return v
 
     @field_validator("budget")
     @classmethod
