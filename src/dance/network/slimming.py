@@ -469,7 +469,8 @@ class NetworkSlimmer:
                 for name, r in measured.items():
                     if counts[r["module"]] > 1:
                         candidates.append({"branch": name, "score": r["score"],
-                                           "gflops_saved": r["gflops_saved"], "row": r})
+                                           "gflops_saved": r["gflops_saved"],
+                                           "module": r["module"]})
             if not candidates:
                 return True
             candidates.sort(key=lambda c: c["score"])
@@ -477,20 +478,15 @@ class NetworkSlimmer:
             for c in candidates:
                 if saved + c["gflops_saved"] > gap + _OVERSHOOT * target:
                     continue  # would land far below the target: a smaller one may fit
-                if "branch" in c:
-                    module = c["row"]["module"]
-                    if sum(1 for p in picked if p.get("module") == module) + 1 >= counts[module]:
-                        continue  # every module keeps a branch
-                    c["module"] = module
+                if "branch" in c and sum(1 for p in picked if p.get("module") == c["module"]) \
+                        + 1 >= counts[c["module"]]:
+                    continue  # every module keeps a branch
                 picked.append(c)
                 saved += c["gflops_saved"]
                 if saved >= gap:
                     break
             if not picked:  # every one overshoots: the one that overshoots least
-                c = min(candidates, key=lambda c: c["gflops_saved"])
-                if "branch" in c:
-                    c["module"] = c["row"]["module"]
-                picked = [c]
+                picked = [min(candidates, key=lambda c: c["gflops_saved"])]
             for c in picked:
                 if "branch" in c:  # live at this point's start, so in ``table``
                     remove_branches(model, [c["branch"]])
