@@ -1,5 +1,7 @@
 """`dance compare` on tiny SynthStreets: every run kind, the report files, the ratios, seeds."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -231,7 +233,8 @@ def test_jobs_train_runs_side_by_side_with_the_same_results(compared, capsys):
     assert capsys.readouterr().err.strip() == "dance compare: error: --jobs must be at least 1, got 0"
 
 
-def test_bench_models_times_every_deployed_model_of_a_compare(compared, capsys):
+def test_bench_models_times_every_deployed_model_of_a_compare(compared, capsys, tmp_path,
+                                                              monkeypatch):
     out, _ = compared
     assert main(["bench", "models", "--compare", str(out), "--runs", "2", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
@@ -245,5 +248,17 @@ def test_bench_models_times_every_deployed_model_of_a_compare(compared, capsys):
     assert rows["lowres"]["params_m"] == rows["baseline"]["params_m"]
     assert rows["lowres"]["input"][0] < rows["baseline"]["input"][0]
     assert all(row["latency_ms"] > 0 for row in rows.values())
+    # a compare run as `--out cmp` names its runs cmp/runs/...: copied to another name and
+    # opened from another directory, they are found under the folder's own runs/
+    copy = tmp_path / "moved"
+    shutil.copytree(out, copy)
+    moved_report = json.loads((copy / "report.json").read_text())
+    moved_report["run_dirs"] = {k: [f"cmp/runs/{Path(d).name}" for d in dirs]
+                                for k, dirs in moved_report["run_dirs"].items()}
+    (copy / "report.json").write_text(json.dumps(moved_report))
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "models", "--compare", "moved", "--runs", "0", "--json"]) == 0
+    moved = {row["run"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
+    assert {k: r["gflops"] for k, r in moved.items()} == {k: r["gflops"] for k, r in rows.items()}
     assert main(["bench", "models", "--compare", str(out / "nope")]) == 1
     assert "report.json: not found" in capsys.readouterr().err

@@ -137,7 +137,8 @@ def bench_deployed(compare_dir: str, size: tuple[int, int] | None = None, device
     """Params, GFLOPs and latency of the deployed model of every run kind of a `dance compare`
     folder (its first seed), timed side by side, with ratios to the baseline. Input: ``size``
     (default: the size the compare evaluated at); a ``lowres`` row runs the baseline model at its
-    reduced scale of that size."""
+    reduced scale of that size. The run folders are read from the compare folder's ``runs/``,
+    so the folder may have been moved or copied, or be named from another directory."""
     import json
     from pathlib import Path
 
@@ -157,7 +158,7 @@ def bench_deployed(compare_dir: str, size: tuple[int, int] | None = None, device
             h, w = size or tuple(report["runs"]["baseline"]["input_size"])
             scale = r.get("input_scale") or 1.0
             shape = (1, 3, max(1, round(h * scale)), max(1, round(w * scale)))
-            model = load_model(dirs[0]).to(dev)
+            model = load_model(Path(compare_dir) / "runs" / Path(dirs[0]).name).to(dev)
             models.append(model)
             shapes.append(shape)
             rows.append({"run": kind, "input": list(shape[2:]), **model_size(model, shape)})
