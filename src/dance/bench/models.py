@@ -16,29 +16,35 @@ from dance.bench.common import finish_machine, machine_info, machine_line, markd
 from dance.errors import DanceError
 
 
+def _alternating_ms(calls: list, runs: int, sync=lambda: None) -> list[float]:
+    """Median milliseconds of each of ``calls`` over ``runs`` rounds after one warm-up call
+    each. Runs alternate between the calls, so load from other processes on a shared machine
+    falls on all of them alike."""
+    for call in calls:
+        call()  # warm-up: oneDNN / cuDNN pick their kernels on the first call
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(runs):
+        for call, t in zip(calls, times):
+            sync()
+            start = time.perf_counter()
+            call()
+            sync()
+            t.append(time.perf_counter() - start)
+    return [1000 * statistics.median(t) for t in times]
+
+
 def latencies_ms(models: list[torch.nn.Module], shape: tuple[int, ...] | list[tuple[int, ...]],
                  runs: int) -> list[float | None]:
-    """Median latency of each model (on one input ``shape``, or one shape per model). Runs
-    alternate between the models, so load from other processes on a shared machine falls on all
-    of them alike."""
+    """Median latency of each model (on one input ``shape``, or one shape per model), runs
+    alternating (`_alternating_ms`)."""
     if runs <= 0:
         return [None] * len(models)
-    device = next(models[0].parameters()).device
     shapes = shape if isinstance(shape, list) else [shape] * len(models)
+    device = next(models[0].parameters()).device
     xs = [torch.rand(s, device=device) for s in shapes]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
-        for model, x in zip(models, xs):
-            model(x)  # warm-up: oneDNN / cuDNN pick their kernels on the first call
-        for _ in range(runs):
-            for model, x, t in zip(models, xs, times):
-                sync()
-                start = time.perf_counter()
-                model(x)
-                sync()
-                t.append(time.perf_counter() - start)
-    return [1000 * statistics.median(t) for t in times]
+        return _alternating_ms([lambda m=m, x=x: m(x) for m, x in zip(models, xs)], runs, sync)
 
 
 def model_size(model: torch.nn.Module, shape: tuple[int, ...]) -> dict:
