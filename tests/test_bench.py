@@ -93,6 +93,24 @@ def test_models_slimmed_to_a_network_budget(capsys):
     assert m["after"]["params_m"] < m["before"]["params_m"]
 
 
+def test_models_timed_as_exported_onnx_files_in_onnxruntime(capsys, monkeypatch):
+    # a channel-slimmed model, exported and run the way a deployment runs it
+    r = run_json(capsys, "models", *TINY, "--models", "pspnet_r18", "--runs", "2",
+                 "--network-budget", "0.5", "--runtime", "onnxruntime")
+    (m,) = r["models"]
+    assert r["setup"]["runtime"] == "onnxruntime"
+    assert m["before"]["latency_ms"] > 0 and m["after"]["latency_ms"] > 0
+    assert m["ratios"]["gflops"] == pytest.approx(0.5, abs=0.05)
+    assert main(["bench", "models", *TINY, "--models", "pspnet_r18", "--runs", "1",
+                 "--runtime", "onnxruntime"]) == 0
+    assert "onnxruntime (the exported ONNX files" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not installed
+    assert main(["bench", "models", *TINY, "--models", "pspnet_r18", "--runs", "1",
+                 "--runtime", "onnxruntime"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "dance bench: error: --runtime onnxruntime needs onnxruntime: pip install onnxruntime")
+
+
 def test_gpu_train_script_dry_run_on_the_cpu_gives_every_ratio(capsys, monkeypatch, tmp_path):
     """benchmarks/gpu_train.py --device cpu --tiny: the GPU benchmark's whole path on a CPU."""
     # 16 images: with 8, five scale buckets of one or two images each are padded to whole
@@ -140,6 +158,7 @@ def test_train_defaults_to_the_demos_small_model_options():
     (["train", "--model-options", "width=1"], "expected a JSON object"),
     (["train", "--budget", "1.5"], "budget"),
     (["models", "--models", "resnet9000", "--runs", "0"], "unknown model 'resnet9000'"),
+    (["models", "--runtime", "tensorrt"], "invalid choice: 'tensorrt'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: SUBCOMMAND"),
 ])

@@ -260,5 +260,11 @@ def test_bench_models_times_every_deployed_model_of_a_compare(compared, capsys, 
     assert main(["bench", "models", "--compare", "moved", "--runs", "0", "--json"]) == 0
     moved = {row["run"]: row for row in json.loads(capsys.readouterr().out)["rows"]}
     assert {k: r["gflops"] for k, r in moved.items()} == {k: r["gflops"] for k, r in rows.items()}
+    # the deployed files: each run's model exported to ONNX, timed in onnxruntime
+    assert main(["bench", "models", "--compare", "moved", "--runs", "1", "--runtime",
+                 "onnxruntime", "--json"]) == 0
+    ort_rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [row["run"] for row in ort_rows] == list(rows)
+    assert all(row["latency_ms"] > 0 for row in ort_rows)
     assert main(["bench", "models", "--compare", str(out / "nope")]) == 1
     assert "report.json: not found" in capsys.readouterr().err

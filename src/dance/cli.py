@@ -148,6 +148,9 @@ def _bench_commands(sub) -> None:
     p.add_argument("--runs", type=_int_at_least(0), default=5,
                    help="timed runs per model (0: params and GFLOPs only)")
     p.add_argument("--threads", type=_int_at_least(1), default=2, help="CPU threads")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="time the models in PyTorch (eager) or as exported ONNX files in "
+                        "onnxruntime on the CPU (BatchNorm folded, activations fused)")
     p.add_argument("--num-classes", type=_int_at_least(1), default=19, help="output classes")
 
     def training_run(p: argparse.ArgumentParser, size: tuple[int, int], train: int) -> None:
