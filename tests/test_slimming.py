@@ -354,3 +354,46 @@ def test_expected_fraction_averages_the_targets_over_training():
     assert sum(parts) / 7 == pytest.approx(0.75)
     with pytest.raises(ValueError, match="start < end"):
         NetworkSlimmer.expected_fraction([0.3], 0.5, 0.5, 0.5)
+
+
+def test_may_slim_away_keeps_a_branch_that_is_not_global():
+    aspp = dance.build_model("deeplabv3plus_mbv2", 3, width_mult=0.25, aspp_channels=8).aspp
+    assert aspp.global_branches == {"pool"}
+    spatial = ["conv1x1", "rate6", "rate12", "rate18"]
+    assert aspp.may_slim_away(spatial[:3]) and aspp.may_slim_away(spatial[1:] + ["pool"])
+    assert not aspp.may_slim_away(spatial)  # only image pooling left
+    assert not aspp.may_slim_away(spatial + ["pool"])  # nothing left
+    assert not GatedBranches({"a": nn.Identity()}).may_slim_away(["a"])
+    only_global = GatedBranches({"g": nn.Identity(), "h": nn.Identity()}, global_branches=["g", "h"])
+    assert only_global.may_slim_away(["g"]) and not only_global.may_slim_away(["g", "h"])
+    # an explicit removal may still leave image pooling alone
+    dance.remove_branches(aspp, spatial)
+    assert list(aspp.branches) == ["pool"]
+
+
+def test_gate_threshold_leaves_a_spatial_branch_beside_image_pooling():
+    torch.manual_seed(0)
+    model = dance.build_model("deeplabv3plus_mbv2", 3, width_mult=0.25, aspp_channels=8)
+    with torch.no_grad():
+        for gate, name in zip((0.02, 0.03, 0.04, 0.05), ("conv1x1", "rate6", "rate12", "rate18")):
+            model.aspp.gates[name].fill_(gate)  # all under the threshold, rate18 the highest
+        model.aspp.gates["pool"].fill_(1.0)
+    slimmer = NetworkSlimmer(model, prune_at=(0.5,), importance="gate", input_shape=SHAPE)
+    event = slimmer.prune(model, [], F.cross_entropy, progress=0.5)
+    assert event.removed == ["aspp.conv1x1", "aspp.rate6", "aspp.rate12"]
+    assert list(model.aspp.branches) == ["rate18", "pool"]
+    assert event.importance["aspp.rate18"]["branch"] == "rate18"
+
+
+def test_budget_keeps_a_spatial_branch_beside_a_global_one(toy):
+    model, _, _ = fresh(toy)
+    model.context.global_branches = frozenset({"pool"})
+    with torch.no_grad():  # the global branch ranks first: the budget takes the others first
+        for name in ("pixel", "local", "dead"):
+            model.context.gates[name].mul_(0.01)
+    slimmer = NetworkSlimmer(model, prune_at=(0.5,), network_budget=0.01, importance="gate",
+                             input_shape=SHAPE)
+    event = slimmer.prune(model, [], F.cross_entropy, progress=0.5)
+    # the gate threshold takes local and dead, the budget the global pool: pixel is kept
+    assert list(model.context.branches) == ["pixel"] and "NOT met" in event.message
+    assert event.importance["context.pool"]["removed_by"] == "budget"

@@ -33,9 +33,21 @@ class MultiScaleModule(nn.Module, abc.ABC):
     """
 
     gates: nn.ParameterDict
+    # branches whose output is the same at every pixel (ASPP's image pooling): a module left
+    # with only these passes on no spatial information, so slimming keeps another one
+    global_branches: frozenset[str] = frozenset()
 
     def branch_names(self) -> list[str]:
         return list(self.gates.keys())
+
+    def may_slim_away(self, names: Iterable[str]) -> bool:
+        """Whether network slimming may remove ``names`` (live branches) together: the module
+        keeps a branch, and one that is not global if it has one now. Explicit
+        ``remove_branches`` calls need only the first."""
+        gone = set(names)
+        left = [n for n in self.branch_names() if n not in gone]
+        spatial = [n for n in self.branch_names() if n not in self.global_branches]
+        return bool(left) and (not spatial or any(n not in self.global_branches for n in left))
 
     def gate(self, name: str) -> nn.Parameter:
         return self.gates[name]
@@ -90,15 +102,17 @@ class GatedBranches(MultiScaleModule):
     ``branches`` maps a name to a module; every branch maps the same input to a tensor of the same
     spatial size. With ``project`` given (a module whose first layer is an ``nn.Conv2d``), the gated
     outputs are concatenated along channels and projected; removing a branch deletes the input
-    channels it fed. Without it the gated outputs are summed.
+    channels it fed. Without it the gated outputs are summed. ``global_branches`` names those
+    whose output is constant over the image (``MultiScaleModule.global_branches``).
     """
 
     def __init__(self, branches: dict[str, nn.Module], branch_channels: dict[str, int] | None = None,
-                 project: nn.Module | None = None):
+                 project: nn.Module | None = None, global_branches: Iterable[str] = ()):
         super().__init__()
         self.branches = nn.ModuleDict(branches)
         self.gates = new_gates(branches)
         self.project = project
+        self.global_branches = frozenset(global_branches)
         if project is not None:
             if branch_channels is None:
                 raise ValueError("branch_channels is required with a projection")

@@ -15,7 +15,8 @@ branch in the prototype (measured on the first prototype). The default ``importa
 the rise of the loss on a few held-out training batches when a branch's gate is set to 0, which
 the projection cannot compensate, per GFLOP the branch's removal saves.
 
-The rule at each scheduled point, in this order (each module always keeps at least one branch):
+The rule at each scheduled point, in this order (each module always keeps at least one branch,
+and one that is not global if it has one: ``MultiScaleModule.may_slim_away``):
 
 1. gate threshold: remove branches whose ``|g_b|`` is below ``gate_threshold`` times the
    largest ``|g|`` of their module;
@@ -364,7 +365,8 @@ class NetworkSlimmer:
             rel_rise = None if rise is None else rise / max(abs(base), 1e-12)
             merit = rise if self.importance == "loss" else rel_gate
             table[i.name] = {
-                "module": i.module_path, "gate": float(i.gate), "rel_gate": rel_gate,
+                "module": i.module_path, "branch": i.branch, "gate": float(i.gate),
+                "rel_gate": rel_gate,
                 "loss_rise": rise, "rel_loss_rise": rel_rise, "gflops_saved": saved,
                 "score": merit / max(cost, _MIN_GFLOPS), "removed_by": None,
             }
@@ -374,17 +376,17 @@ class NetworkSlimmer:
                target_fraction: float | None) -> PruneEvent:
         table, base = self._measure(model, probe)
         gflops_before = count_gflops(model, self.input_shape)
-        live = {m: sum(1 for r in table.values() if r["module"] == m)
-                for m in {r["module"] for r in table.values()}}
+        modules = dict(multiscale_modules(model))
         chosen: list[str] = []
 
         def take(name: str, rule: str) -> None:
             chosen.append(name)
-            live[table[name]["module"]] -= 1
             table[name]["removed_by"] = rule
 
-        def removable(name: str) -> bool:
-            return name not in chosen and live[table[name]["module"]] > 1
+        def removable(name: str) -> bool:  # with this point's choices still in the model
+            module = table[name]["module"]
+            return name not in chosen and modules[module].may_slim_away(
+                [table[n]["branch"] for n in chosen + [name] if table[n]["module"] == module])
 
         # 1. gate threshold
         for name in sorted(table, key=lambda n: table[n]["rel_gate"]):
@@ -414,10 +416,8 @@ class NetworkSlimmer:
             target_loop = target
         while target_loop is not None and count_gflops(model, self.input_shape) > target_loop:
             now, _ = self._measure(model, probe)
-            counts: dict[str, int] = {}
-            for r in now.values():
-                counts[r["module"]] = counts.get(r["module"], 0) + 1
-            candidates = [n for n, r in now.items() if counts[r["module"]] > 1]
+            candidates = [n for n, r in now.items()
+                          if model.get_submodule(r["module"]).may_slim_away([r["branch"]])]
             if not candidates:
                 short_of_budget = True
                 break
@@ -463,14 +463,11 @@ class NetworkSlimmer:
             candidates = self._chunk_candidates(model, probe)
             if self.importance == "loss" and probe is not None:
                 measured, _ = self._measure(model, probe)
-                counts: dict[str, int] = {}
-                for r in measured.values():
-                    counts[r["module"]] = counts.get(r["module"], 0) + 1
                 for name, r in measured.items():
-                    if counts[r["module"]] > 1:
+                    if model.get_submodule(r["module"]).may_slim_away([r["branch"]]):
                         candidates.append({"branch": name, "score": r["score"],
                                            "gflops_saved": r["gflops_saved"],
-                                           "module": r["module"]})
+                                           "module": r["module"], "in_module": r["branch"]})
             if not candidates:
                 return True
             candidates.sort(key=lambda c: c["score"])
@@ -478,9 +475,10 @@ class NetworkSlimmer:
             for c in candidates:
                 if saved + c["gflops_saved"] > gap + _OVERSHOOT * target:
                     continue  # would land far below the target: a smaller one may fit
-                if "branch" in c and sum(1 for p in picked if p.get("module") == c["module"]) \
-                        + 1 >= counts[c["module"]]:
-                    continue  # every module keeps a branch
+                if "branch" in c and not model.get_submodule(c["module"]).may_slim_away(
+                        [p["in_module"] for p in picked if p.get("module") == c["module"]]
+                        + [c["in_module"]]):
+                    continue  # every module keeps a branch, and a spatial one
                 picked.append(c)
                 saved += c["gflops_saved"]
                 if saved >= gap:

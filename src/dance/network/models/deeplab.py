@@ -52,7 +52,8 @@ class ASPP(GatedBranches):
             ConvBNReLU(len(branches) * out_channels, out_channels, 1),
             nn.Dropout(dropout),
         )
-        super().__init__(branches, {name: out_channels for name in branches}, project)
+        super().__init__(branches, {name: out_channels for name in branches}, project,
+                         global_branches=["pool"])
 
 
 class DeepLabV3Plus(SegmentationNet):

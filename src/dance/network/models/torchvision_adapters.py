@@ -38,7 +38,7 @@ def gated_aspp(aspp: nn.Module) -> GatedBranches:
     names.append("pool")
     out_channels = aspp.project[0].in_channels // len(aspp.convs)
     return GatedBranches(dict(zip(names, aspp.convs)), {n: out_channels for n in names},
-                         aspp.project)
+                         aspp.project, global_branches=["pool"])
 
 
 class TorchvisionDeepLabV3(SegmentationNet):
