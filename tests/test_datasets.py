@@ -102,6 +102,26 @@ def test_cityscapes_layout_maps_official_label_ids(tmp_path, name):
     assert ignore == CITYSCAPES_IGNORE_PIXELS
 
 
+def test_cityscapes_categories_group_the_train_classes(tmp_path):
+    """Cityscapes' category-level task: each train class counts as its category; label ids the
+    class-level task ignores (unlabeled, ego vehicle, parking) stay ignored."""
+    ds = open_dataset("cityscapes_categories", make_cityscapes(tmp_path), "train")
+    assert ds.class_names == ["flat", "construction", "object", "nature", "sky", "human",
+                              "vehicle"]
+    # road 7, sidewalk 8 -> flat; sky 23; person 24; car 26, bicycle 33 -> vehicle
+    assert ds.lut[[7, 8, 23, 24, 26, 33, 0, 1, 9, 255]].tolist() == [0, 0, 4, 5, 6, 6, 255, 255,
+                                                                   255, 255]
+    assert ds.lut[[11, 17, 21]].tolist() == [1, 2, 3]  # building, pole, vegetation
+    _, mask = ds.load(0)
+    assert mask.tolist() == [[0, 0, 0, 0, 0, 0],
+                             [0, 0, 6, 6, 255, 255],
+                             [5, 5, 6, 6, 255, 255],
+                             [4, 4, 4, 4, 4, 4]]
+    pixels, ignore = class_pixels(ds)
+    assert pixels.tolist() == [8 + 17, 0, 0, 0, 6, 2, 4 + 2]
+    assert ignore == CITYSCAPES_IGNORE_PIXELS
+
+
 def test_camvid_value_11_is_ignored(tmp_path):
     labels = np.array([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [11, 11, 3, 3]], np.uint8)
     write_png(tmp_path / "train" / "0001TP_006690.png", rgb((4, 4)))

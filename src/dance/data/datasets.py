@@ -22,7 +22,7 @@ from dance.data.io import read_image, read_image_at_least, read_mask
 from dance.data.labels import IGNORE_INDEX
 from dance.errors import DanceError
 
-DATASETS = ("cityscapes", "camvid", "bdd100k", "ade20k", "folder", "synth")
+DATASETS = ("cityscapes", "cityscapes_categories", "camvid", "bdd100k", "ade20k", "folder", "synth")
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the `folder` layout's images
 
@@ -77,6 +77,7 @@ _CITYSCAPES = _Layout("leftImg8bit/{split}", "gtFine/{split}", ("_leftImg8bit.pn
                       "_gtFine_labelIds.png", subfolders=True)
 _LAYOUTS = {
     "cityscapes": _CITYSCAPES,
+    "cityscapes_categories": _CITYSCAPES,
     "synth": _CITYSCAPES,
     "camvid": _Layout("{split}", "{split}annot", (".png",), ".png"),
     "bdd100k": _Layout("images/10k/{split}", "labels/sem_seg/masks/{split}", (".jpg",), ".png"),
@@ -217,6 +218,21 @@ def _cityscapes_table() -> tuple[list[str], dict[int, int]]:
     return [c.name for c in trained], {c.id: train_ids.get(c.id, IGNORE_INDEX) for c in classes}
 
 
+def _cityscapes_categories_table() -> tuple[list[str], dict[int, int]]:
+    """Cityscapes' 7 categories (flat, construction, object, nature, sky, human, vehicle), the
+    official category-level task: each of the 19 train classes counts as its category, every
+    other label id (those the class-level task ignores) stays ignored."""
+    from torchvision.datasets import Cityscapes
+
+    _, class_pairs = _cityscapes_table()
+    trained = [c for c in Cityscapes.classes if class_pairs.get(c.id, IGNORE_INDEX) != IGNORE_INDEX]
+    categories = sorted({(c.category_id, c.category) for c in trained})
+    index = {cid: i for i, (cid, _) in enumerate(categories)}
+    pairs = {c.id: IGNORE_INDEX for c in Cityscapes.classes}
+    pairs.update({c.id: index[c.category_id] for c in trained})
+    return [name for _, name in categories], pairs
+
+
 def _read_class_names(root: Path) -> list[str]:
     """The `folder` layout's classes: ``classes.json`` (a JSON list), else ``classes.txt`` (one a
     line); both present must agree."""
@@ -279,6 +295,8 @@ def _class_table(name: str, root: Path) -> tuple[list[str], dict[int, int]]:
     """Train class names and {raw mask value: train id} of a layout."""
     if name in ("cityscapes", "synth"):
         return _cityscapes_table()
+    if name == "cityscapes_categories":
+        return _cityscapes_categories_table()
     if name == "bdd100k":  # masks already hold Cityscapes train ids
         names, _ = _cityscapes_table()
         return names, {i: i for i in range(len(names))}
