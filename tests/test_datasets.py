@@ -265,3 +265,25 @@ def test_same_stem_twice_is_ambiguous(tmp_path):
 def test_cli_offers_exactly_the_readers():
     from dance import cli
     assert cli.DATASETS is DATASETS
+
+
+def test_an_unchanged_mask_is_checked_once_a_changed_one_again(tmp_path, monkeypatch):
+    """The loader's path (raw values, mapped later on the crop) checks each mask against the
+    class table once per process, keyed by the file: a mask rewritten with a value outside the
+    table is still named, on the next load."""
+    import dance.data.datasets as datasets
+    root = make_cityscapes(tmp_path)
+    ds = open_dataset("cityscapes", root, "train")
+    checks = []
+    real = datasets.mask_value_counts
+    monkeypatch.setattr(datasets, "mask_value_counts",
+                        lambda *a, **k: checks.append(a[2]) or real(*a, **k))
+    for _ in range(3):
+        _, raw = ds.load(0, map_labels=False)
+    assert raw.tolist() == AACHEN.tolist() and len(checks) == 1
+    bad = AACHEN.copy()
+    bad[0, 0] = 200  # not a Cityscapes label id
+    write_png(ds.samples[0].mask, bad)
+    with pytest.raises(DanceError, match=r"aachen_000000_000019_gtFine_labelIds.png: mask values "
+                                         r"outside the class table: 200 \(1 pixels\)"):
+        ds.load(0, map_labels=False)

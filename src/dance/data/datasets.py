@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dance.data.io import read_image, read_image_at_least, read_mask
+from dance.data.io import file_key, read_image, read_image_at_least, read_mask
 from dance.data.labels import IGNORE_INDEX
 from dance.errors import DanceError
 
@@ -102,6 +102,9 @@ class SegmentationDataset:
     image_dir: Path  # the split's image folder (named by errors about the split)
     mask_dir: Path
     ignore_index: int = IGNORE_INDEX
+    # masks whose values were checked against the table, by file key (path, size, mtime,
+    # ctime): `load` checks an unchanged mask once per process, not on every epoch
+    _checked_masks: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int:
@@ -155,7 +158,10 @@ class SegmentationDataset:
             problem = size_mismatch_problem(raw.shape, tuple(stored), sample.image)
             raise DanceError(f"{sample.mask}: {problem}")
         if not map_labels:  # checked whole all the same: a bad value anywhere is an error
-            mask_value_counts(raw, self.valid_raw, sample.mask)
+            key = file_key(sample.mask)
+            if key not in self._checked_masks:
+                mask_value_counts(raw, self.valid_raw, sample.mask)
+                self._checked_masks.add(key)
             return image, raw
         return image, self.map_mask(raw, sample.mask)
 

@@ -171,7 +171,8 @@ class TrainTransform:
         ch, cw = d.crop
         rows = _nearest_exact(mask.shape[0], d.size[0], d.top, ch)
         cols = _nearest_exact(mask.shape[1], d.size[1], d.left, cw)
-        part = mask[np.ix_(rows, cols)]
+        # whole rows first (contiguous copies), then the columns: 2-3x faster than np.ix_
+        part = mask.take(rows, axis=0).take(cols, axis=1)
         if map_mask is not None:
             part = map_mask(part)
         out = np.full((ch, cw), self.ignore_index, dtype=np.int64)
