@@ -57,6 +57,16 @@ def test_pipeline_measures_every_scale_against_full_scale(capsys, tmp_path):
     assert r["setup"]["images"] == 8 and r["setup"]["workers"] == 1
 
 
+def test_pipeline_through_the_decode_cache_keeps_the_labels(capsys, tmp_path):
+    r = run_json(capsys, "pipeline", "--n", "4", *TINY, "--crop", "64x128", "--workers", "1",
+                 "--batch", "2", "--repeats", "1", "--data", str(tmp_path / "synth"),
+                 "--decode-cache")
+    assert r["setup"]["decode_cache"] is True and r["labels_identical_to_full_decode"] is True
+    entries = sorted(p.name.split(".")[1] for p in (tmp_path / "synth").rglob("*.npy"))
+    assert entries == sorted(["img1", "img2", "img4", "mask"] * 4)  # every image, three levels
+    assert all(v > 0 for v in r["images_per_second"].values())
+
+
 def test_complexity_prints_throughput_and_correlation_tables(capsys, tmp_path):
     assert main(["bench", "complexity", "--n", "8", *TINY, "--workers", "1", "--repeats", "1",
                  "--data", str(tmp_path / "synth")]) == 0

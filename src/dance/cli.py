@@ -192,6 +192,9 @@ def _bench_commands(sub) -> None:
     p.add_argument("--format", dest="fmt", choices=("png", "jpeg"), default="png",
                    help="how the images are stored: png (as SynthStreets), or jpeg (quality 90, "
                         "decoded at the smallest DCT scale each sample needs)")
+    p.add_argument("--decode-cache", action="store_true",
+                   help="read through a decode cache next to the data, as train.decode_cache "
+                        "does (masks, and PNG images at 1/1, 1/2 and 1/4 size, decoded once)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ class _DecodeOnly(torch.utils.data.Dataset):
 def bench_pipeline(n: int = 64, size: tuple[int, int] = (256, 512),
                    crop: tuple[int, int] = (256, 512), workers: int = 1, batch: int = 8,
                    repeats: int = 3, data: str | os.PathLike | None = None, fmt: str = "png",
+                   decode_cache: bool = False,
                    scale_set: Sequence[float] = DEFAULT_SCALE_SET) -> dict:
     """Images/s of the training data pipeline (`PlannedDataset` + `TrainTransform` through a
     `DataLoader` with the `BucketedBatchSampler`: decode, augment, collate, no model) with every
@@ -38,7 +39,9 @@ def bench_pipeline(n: int = 64, size: tuple[int, int] = (256, 512),
     swapped between epochs as the trainer does), so worker start-up is in none of them.
     ``fmt="jpeg"``: the same images stored as JPEG (quality 90, `folder` layout), which the
     loader decodes at the smallest DCT scale that covers each sample; the masks it gives are
-    checked to equal the full-resolution decode's, nearest-downsampled."""
+    checked to equal the full-resolution decode's, nearest-downsampled. ``decode_cache``: the
+    loader reads through a `DecodeCache` next to the data (filled by the warm-up round), as
+    ``train.decode_cache`` does."""
     from torch.utils.data import DataLoader
 
     from dance.data.loader import PlannedDataset, collate_planned
@@ -58,7 +61,12 @@ def bench_pipeline(n: int = 64, size: tuple[int, int] = (256, 512),
     plans = {s: uniform_plan(ids, s * s) for s in scale_set}  # every image at scale s
     sampler = BucketedBatchSampler(plans[1.0], batch, epochs=1, seed=0)
     persistent = {"num_workers": workers, "persistent_workers": workers > 0}
-    loader = DataLoader(PlannedDataset(dataset, transform, seed=0), batch_sampler=sampler,
+    cache = None
+    if decode_cache:
+        from dance.data.decode_cache import DecodeCache
+        cache = DecodeCache(root / f"decode-cache-{fmt}", max_gb=64)
+    loader = DataLoader(PlannedDataset(dataset, transform, seed=0, decode_cache=cache),
+                        batch_sampler=sampler,
                         collate_fn=collate_planned, **persistent)
     # collate_fn=len: a batch of decode-only items is just counted
     decode_loader = DataLoader(_DecodeOnly(dataset), batch_size=batch, collate_fn=len,
@@ -88,7 +96,8 @@ def bench_pipeline(n: int = 64, size: tuple[int, int] = (256, 512),
     return {
         "bench": "pipeline", "machine": common.finish_machine(machine),
         "labels_identical_to_full_decode": labels_identical,
-        "setup": {"images": len(dataset), "format": fmt, "size": list(size), "crop": list(crop),
+        "setup": {"images": len(dataset), "format": fmt, "decode_cache": decode_cache,
+                  "size": list(size), "crop": list(crop),
                   "scale_range": list(transform.scale_range), "workers": workers,
                   "batch": batch, "repeats": repeats, "data": str(root),
                   "data_reused": made["reused"]},
@@ -126,7 +135,7 @@ def format_pipeline(r: dict) -> str:
     table = common.markdown_table(["run", "output HxW", "images/s", "vs scale 1.0",
                             "pixels vs scale 1.0"], rows)
     return (f"Data pipeline (decode + augment + collate, no model): SynthStreets {h}x{w} "
-            f"({s.get('format', 'png').upper()}), "
+            f"({s.get('format', 'png').upper()}{', through the decode cache' if s.get('decode_cache') else ''}), "
             f"{s['images']} images, crop {s['crop'][0]}x{s['crop'][1]}, random scale "
             f"{s['scale_range'][0]:g}-{s['scale_range'][1]:g}, batch {s['batch']}, "
             f"{s['workers']} worker(s), best of {s['repeats']} alternating rounds.\n"
@@ -138,4 +147,4 @@ def format_pipeline(r: dict) -> str:
 
 
 run = common.cli_runner(bench_pipeline, format_pipeline, "n", "size", "crop", "workers", "batch",
-                 "repeats", "data", "fmt")
+                 "repeats", "data", "fmt", "decode_cache")

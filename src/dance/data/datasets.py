@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -22,9 +23,13 @@ from dance.data.io import file_key, read_image, read_image_at_least, read_mask
 from dance.data.labels import IGNORE_INDEX
 from dance.errors import DanceError
 
+if TYPE_CHECKING:
+    from dance.data.decode_cache import DecodeCache
+
 DATASETS = ("cityscapes", "cityscapes_categories", "camvid", "bdd100k", "ade20k", "folder", "synth")
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # the `folder` layout's images
+JPEG_SUFFIXES = (".jpg", ".jpeg")  # decoded at reduced size by libjpeg, never decode-cached
 
 CAMVID_CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
                   "Car", "Pedestrian", "Bicyclist")
@@ -139,21 +144,25 @@ class SegmentationDataset:
         return per_train_id[: self.num_classes], int(per_train_id[self.ignore_index])
 
     def load(self, i: int, size_for: Callable[[tuple[int, int]], tuple[int, int]] | None = None,
-             map_labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
+             map_labels: bool = True, cache: DecodeCache | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
         """``(image HxWx3 uint8 RGB, mask HxW uint8 train ids)`` of sample ``i``. With
         ``size_for`` (stored ``(H, W)`` -> the size the pixels are needed at) a JPEG image may
         come decoded smaller (`read_image_at_least`); the mask is always at full size, and with
         ``map_labels=False`` it holds the file's raw values, checked against the class table (a
-        caller maps the pixels it keeps with ``lut``)."""
+        caller maps the pixels it keeps with ``lut``). With a `DecodeCache`, masks and
+        (with ``size_for``) images other than JPEGs are read from it, decoded once."""
         sample = self.samples[i]
         if sample.mask is None:
             raise DanceError(f"{sample.image}: {missing_mask_problem(self.expected_mask(sample))}")
         if size_for is None:
             image = read_image(sample.image)
             stored = image.shape[:2]
+        elif cache is not None and not sample.image.name.lower().endswith(JPEG_SUFFIXES):
+            image, stored = cache.image(sample.image, size_for)
         else:
             image, stored = read_image_at_least(sample.image, size_for)
-        raw = read_mask(sample.mask)
+        raw = read_mask(sample.mask) if cache is None else cache.mask(sample.mask)
         if raw.shape != tuple(stored):
             problem = size_mismatch_problem(raw.shape, tuple(stored), sample.image)
             raise DanceError(f"{sample.mask}: {problem}")

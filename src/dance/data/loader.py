@@ -37,11 +37,14 @@ class PlannedDataset(torch.utils.data.Dataset):
     ``reduced_decode``: a JPEG image is decoded at the smallest DCT scale (eighths) that
     covers the sample's `Draw.decode_size` (the plan's scale, or the augmentation's
     zoom-out below it); the mask is always decoded whole and nearest-resized, so labels are
-    exactly those of the full-resolution path (docs/method.md#data-policy).
+    exactly those of the full-resolution path (docs/method.md#data-policy). ``decode_cache``: a
+    `DecodeCache` that other images (PNG) and every mask are decoded into once and then read
+    from, an image at the smallest stored level that covers the sample.
     """
 
     def __init__(self, dataset, transform: TrainTransform, seed: int = 0,
-                 on_bad_sample: str = "error", reduced_decode: bool = True):
+                 on_bad_sample: str = "error", reduced_decode: bool = True,
+                 decode_cache=None):
         if on_bad_sample not in ON_BAD_SAMPLE:
             raise DanceError(f"on_bad_sample must be one of {', '.join(ON_BAD_SAMPLE)}, "
                              f"got {on_bad_sample!r}")
@@ -50,6 +53,7 @@ class PlannedDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.on_bad_sample = on_bad_sample
         self.reduced_decode = reduced_decode
+        self.decode_cache = decode_cache  # a `DecodeCache`, or None: every file decoded each time
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -68,7 +72,8 @@ class PlannedDataset(torch.utils.data.Dataset):
             return drawn[0].decode_size if self.reduced_decode else stored_hw
 
         try:
-            image, raw = self.dataset.load(index, size_for=size_for, map_labels=False)
+            image, raw = self.dataset.load(index, size_for=size_for, map_labels=False,
+                                           cache=self.decode_cache)
             # raw values mapped to train ids on the crop's pixels only
             x, y = self.transform.apply(image, raw, drawn[0],
                                         map_mask=partial(np.take, self.dataset.lut))

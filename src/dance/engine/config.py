@@ -106,6 +106,12 @@ class TrainConfig(_Strict):
     # (libjpeg's scaled decoding): a scale-0.5 sample decodes a quarter of the pixels. Masks are
     # always decoded whole, so labels are exact. PNG and other formats are decoded whole
     reduced_decode: bool = True
+    # a folder where PNG (and other non-JPEG) images and every mask are decoded once and stored
+    # uncompressed, images also at 1/2 and 1/4 size: later epochs read the smallest copy that
+    # covers the plan's scale instead of inflating the file again. Keyed by each file's path,
+    # size, mtime and ctime (never stale); at most decode_cache_gb, then nothing new is stored
+    decode_cache: str | None = None
+    decode_cache_gb: float = Field(20.0, gt=0)
     # CUDA only: channels-last memory layout for the model and its inputs (faster convolutions
     # with bf16 on tensor cores), and one forward/backward per input shape before training, so
     # cuDNN's algorithm search (cudnn.benchmark) is not charged to the first steps of each scale
@@ -122,6 +128,13 @@ class TrainConfig(_Strict):
     # train this fraction of the recipe's optimizer steps (fractional epochs allowed), the
     # learning-rate schedule compressed to span them: the "short" run kind of compare
     steps_fraction: float = Field(1.0, gt=0, le=1)
+
+    @field_validator("decode_cache")
+    @classmethod
+    def _decode_cache(cls, v: str | None) -> str | None:
+        if _path_text(v) is not None and Path(v).exists() and not Path(v).is_dir():
+            raise ValueError(f"{v} exists and is not a folder")
+        return v
 
     @field_validator("crop", "eval_crop", mode="before")
     @classmethod

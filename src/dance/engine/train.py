@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dance.data.datasets import SegmentationDataset, open_dataset
+from dance.data.decode_cache import DecodeCache
 from dance.data.loader import PlannedDataset, collate_planned, raise_batch_errors
 from dance.data.plan import (
     DataSlimmingPlan,
@@ -691,8 +692,9 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
                              f"{str(e)[:100]})") from None
     transform = TrainTransform(tuple(tc.crop), tuple(tc.scale_range),
                                jitter_follows_scale=tc.jitter_follows_scale)
+    cache = DecodeCache(tc.decode_cache, tc.decode_cache_gb) if tc.decode_cache else None
     data = PlannedDataset(train_ds, transform, seed=tc.seed, on_bad_sample=tc.on_bad_sample,
-                          reduced_decode=tc.reduced_decode)
+                          reduced_decode=tc.reduced_decode, decode_cache=cache)
     sampler = BucketedBatchSampler(state.plan, tc.batch_size,
                                    tc.epochs, seed=tc.seed, rank=rt.rank,
                                    world_size=rt.world_size,
