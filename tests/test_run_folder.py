@@ -241,3 +241,10 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
                                                "scales_per_epoch": 2}}).to_dict()
     assert result_config(prog)["data_slimming"] == {"enabled": True, "policy": "progressive",
                                                     "budget": 0.5, "final_full": 0.2}
+    # a decode cache off is no key at all (runs made before it existed still match); on, its
+    # folder does not matter, its size does (it decides which images come from a stored level)
+    assert not {"decode_cache", "decode_cache_gb"} & set(r["train"])
+    cached = [result_config(config_from_dict({"train": {"decode_cache": f"/tmp/{d}"}}).to_dict())
+              for d in ("a", "b")]
+    assert cached[0] == cached[1] and cached[0]["train"]["decode_cache"] is True
+    assert cached[0]["train"]["decode_cache_gb"] == 20.0

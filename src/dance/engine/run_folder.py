@@ -66,6 +66,12 @@ def result_config(config: dict) -> dict:
             ds.pop(key, None)
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
+    train = cfg.get("train", {})
+    if not train.get("decode_cache"):  # off: as a run made before the cache existed
+        train.pop("decode_cache", None)
+        train.pop("decode_cache_gb", None)
+    else:  # on: which images it serves at a reduced level counts, not where the folder is
+        train["decode_cache"] = True
     return cfg
 
 
