@@ -17,7 +17,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_ready_configs_all_load():
     files = sorted((REPO / "configs").glob("*.yaml"))
-    assert len(files) == 18  # 4 datasets x 4 model families + SynthStreets + the demo's recipe
+    assert len(files) == 19  # 4 datasets x 4 model families, SynthStreets, demo and converged
     for f in files:
         cfg = load_config(f)
         assert cfg.data_slimming.budget == 0.5
@@ -70,6 +70,19 @@ def test_the_demo_config_file_is_the_demos_recipe():
     embedded = config_from_dict({**DEMO_CONFIG, "dataset": {**DEMO_CONFIG["dataset"],
                                                             "root": "dance-demo/synthstreets"}})
     assert from_file == embedded.to_dict()
+
+
+def test_the_converged_recipe_is_the_demos_on_other_data_and_length():
+    """The converged recipe was chosen by the saturation rule alone: the demo's model, optimizer
+    and schedule, only the data, the crop and the number of epochs differ."""
+    demo = load_config(REPO / "configs" / "demo.yaml").to_dict()
+    converged = load_config(REPO / "configs" / "converged.yaml").to_dict()
+    assert converged["dataset"]["name"] == "cityscapes_categories"
+    assert (converged["train"]["epochs"], list(converged["train"]["crop"])) == (192, [32, 64])
+    for section in (converged, demo):
+        del section["dataset"]
+        section["train"].pop("epochs"), section["train"].pop("crop")
+    assert converged == demo
 
 
 def _alias_bomb(levels: int = 9) -> str:
@@ -163,7 +176,7 @@ def test_the_ready_configs_ship_in_the_package_and_are_found_by_name(tmp_path, c
     from dance.engine.config import PACKAGED, packaged_configs
     assert PACKAGED.parent.name == "dance"  # inside the package, so a wheel carries them
     ready = packaged_configs()
-    assert len(ready) == 18 and "synth" in ready and ready["synth"][1].startswith("SynthStreets")
+    assert len(ready) == 19 and "synth" in ready and ready["synth"][1].startswith("SynthStreets")
     monkeypatch.chdir(tmp_path)  # not the repository: found by name, not by path
     assert load_config("cityscapes_pspnet_r50").model.name == "pspnet_r50"
     with pytest.raises(DanceError, match="did you mean 'synth'"):
