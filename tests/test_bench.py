@@ -254,11 +254,14 @@ def test_threads_compares_thread_counts_and_runs_side_by_side(capsys, tmp_path):
 
 @pytest.mark.slow
 def test_converged_script_dry_run_takes_the_whole_path_on_the_cpu(tmp_path, capsys):
-    """benchmarks/converged.py is what a GPU session runs unchanged; --dry-run checks it here."""
+    """benchmarks/converged.py runs the converged claim on 2 cores or a GPU; --dry-run checks
+    its whole path here."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "converged.py"
     mod = runpy.run_path(str(script))
     out = tmp_path / "conv"
     assert mod["run"](["--dry-run", "--jobs", "2", "--out", str(out)]) == 0
+    recipe = (out / "recipe.yaml").read_text()
+    assert "cityscapes_categories" in recipe and "- 32\n  - 64" in recipe
     sat = json.loads((out / "saturation" / "saturation.json").read_text())
     assert [r["epochs"] for r in sat["rows"]] == [1, 2, 4]
     report = json.loads((out / "compare" / "report.json").read_text())
