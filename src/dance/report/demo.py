@@ -53,7 +53,7 @@ def saturation_line() -> str:
     gain = m[2] - m[1]
     state = ("near converged" if gain < CONVERGED_GAIN else
              "far from converged, so every cut in compute costs accuracy in this regime; a claim "
-             "needs a converged recipe (BENCHMARKS.md)")
+             "needs a converged recipe: `dance compare --config converged` (docs/method.md)")
     return (f"The plain run scored {m[0]:.1f} / {m[1]:.1f} / {m[2]:.1f} mIoU at {e[0]} / {e[1]} / "
             f"{e[2]} epochs (seed 0, measured once): twice its epochs gain {gain:+.1f}, it is "
             f"{state}.")
