@@ -134,8 +134,9 @@ def format_pipeline(r: dict) -> str:
              for k, ips in sorted(r["images_per_second"].items(), key=lambda kv: float(kv[0]))]
     table = common.markdown_table(["run", "output HxW", "images/s", "vs scale 1.0",
                             "pixels vs scale 1.0"], rows)
+    cached = ", through the decode cache" if s.get("decode_cache") else ""
     return (f"Data pipeline (decode + augment + collate, no model): SynthStreets {h}x{w} "
-            f"({s.get('format', 'png').upper()}{', through the decode cache' if s.get('decode_cache') else ''}), "
+            f"({s.get('format', 'png').upper()}{cached}), "
             f"{s['images']} images, crop {s['crop'][0]}x{s['crop'][1]}, random scale "
             f"{s['scale_range'][0]:g}-{s['scale_range'][1]:g}, batch {s['batch']}, "
             f"{s['workers']} worker(s), best of {s['repeats']} alternating rounds.\n"

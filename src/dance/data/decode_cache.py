@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dance.data.io import file_key
+from dance.data.io import file_key, read_image, read_mask
 from dance.errors import DanceError
 from dance.fileio import atomic_write_bytes
 
@@ -68,7 +68,6 @@ class DecodeCache:
 
     def mask(self, path: str | os.PathLike) -> np.ndarray:
         """The mask's raw values, memory-mapped from the cache (decoded and stored on a miss)."""
-        from dance.data.io import read_mask
         stem = self._stem(path)
         raw = self._load(stem, "mask", mmap=True)
         if raw is not None:
@@ -82,7 +81,6 @@ class DecodeCache:
     # ----------------------------------------------------------------------------- writing
 
     def _store_image(self, path, stem: str, size_for) -> tuple[np.ndarray, tuple[int, int]]:
-        from dance.data.io import read_image
         self.misses += 1
         full = read_image(path)
         stored = tuple(full.shape[:2])
@@ -139,9 +137,7 @@ class DecodeCache:
         path = self._path(stem, kind)
         try:
             return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, EOFError):  # damaged: decoded and written again
+        except (OSError, ValueError, EOFError):  # missing, or damaged: decoded and written again
             return None
 
 
