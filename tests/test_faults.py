@@ -283,6 +283,7 @@ _FIELD_BAD = {  # (section, key): values that must each be refused
     ("train", "scale_range"): [[2, 1], [0, 1], [-1, 2], [1, 100], [1], "wide"],
     ("train", "device"): ["gpu", "cuda:x", "cuda:", 0, ["cpu"]],
     ("train", "threads"): [0, 10 ** 6, "many"],
+    ("train", "decode_cache"): [[1], {"a": 1}, "a\0b"],  # any other text is a folder to make
     ("data_slimming", "budget"): [0, 1.5, -0.1, "half", float("nan")],
     ("network_slimming", "network_budget"): [0, 1.2, "x"],
     ("network_slimming", "prune_at"): [[0], [1], [1.5], "x", ["a"], 0.5],

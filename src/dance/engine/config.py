@@ -111,7 +111,7 @@ class TrainConfig(_Strict):
     # covers the plan's scale instead of inflating the file again. Keyed by each file's path,
     # size, mtime and ctime (never stale); at most decode_cache_gb, then nothing new is stored
     decode_cache: str | None = None
-    decode_cache_gb: float = Field(20.0, gt=0)
+    decode_cache_gb: float = Field(20.0, gt=0, le=1_000_000)
     # CUDA only: channels-last memory layout for the model and its inputs (faster convolutions
     # with bf16 on tensor cores), and one forward/backward per input shape before training, so
     # cuDNN's algorithm search (cudnn.benchmark) is not charged to the first steps of each scale
