@@ -3,8 +3,8 @@ train on (docs/datasets.md#decode-cache).
 
 A PNG frame of Cityscapes takes tens of milliseconds to inflate whatever scale the data plan
 wants it at, and libjpeg's reduced-size decoding does not exist for PNG. With a cache, each file
-is decoded once: an image is stored uncompressed at full, half and quarter resolution (area-
-averaged, as the training resize is) and later read at the smallest of those that covers the
+is decoded once: an image is stored uncompressed at full, half and quarter resolution
+(antialiased bilinear, the training resize's kernel) and later read at the smallest of those that covers the
 plan's scale, as a JPEG is decoded at the smallest DCT scale; a mask is stored whole at full
 resolution and memory-mapped, so only the rows a crop needs are read and labels stay exactly
 those of the file.
