@@ -45,6 +45,8 @@ def test_overrides_and_bases(tmp_path):
     ("", ["train.batch_size=abc"], "train.batch_size"),
     ("", ["nodots=1"], "must be dotted"),
     ("", ["network_slimming.prune_at=[1.5]"], "prune_at"),
+    ("", ["network_slimming.prune_within_epochs=0"], "prune_within_epochs"),
+    ("", ["network_slimming.prune_within_epochs=.inf"], "prune_within_epochs"),
     ("wrong: {x: 1}\n", [], "unknown key 'wrong'"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path, capsys, text, override, needle):

@@ -267,6 +267,27 @@ def test_the_joint_data_budget_makes_the_expected_cost_the_budget():
     assert data_budget(cfg, draft) == 1.0
 
 
+def test_a_long_run_is_slimmed_within_its_first_epochs():
+    """prune_within_epochs: the points are fractions of the first 32 of 192 epochs, so the
+    slimmer prunes at 5%, 8.3% and 11.7% of the run and the static data plan, priced at the
+    network's expected fraction, buys back resolution (0.5 / 0.546 instead of 0.5 / 0.75)."""
+    from dance.engine.config import load_config
+    from dance.engine.train import data_budget, make_slimmer
+    from dance.network.registry import build_model
+    cfg = load_config(None, ["train.epochs=192", "network_slimming.network_budget=0.5",
+                             "network_slimming.prune_within_epochs=32", "train.crop=[32,64]"])
+    assert cfg.network_slimming.points(192) == pytest.approx([0.05, 0.5 / 6, 0.7 / 6])
+    assert cfg.network_slimming.points(24) == [0.3, 0.5, 0.7]  # a shorter run: unchanged
+    assert cfg.network_slimming.points(32) == [0.3, 0.5, 0.7]
+    slimmer = make_slimmer(cfg, build_model(cfg.model.name, 19, **cfg.model.options))
+    assert slimmer.prune_at == pytest.approx([0.05, 0.5 / 6, 0.7 / 6])
+    assert not slimmer.due(0.049) and slimmer.due(0.05)
+    mean = (0.05 + (0.5 / 6 - 0.05) * 5 / 6 + (0.7 / 6 - 0.5 / 6) * 4 / 6 + (1 - 0.7 / 6) * 0.5)
+    assert data_budget(cfg) == pytest.approx(0.5 / mean)
+    cfg.network_slimming.prune_within_epochs = None
+    assert data_budget(cfg) == pytest.approx(0.5 / 0.75)
+
+
 @pytest.mark.slow  # what the trim below is for
 def test_without_the_trim_a_uniform_run_overspends(config, tmp_path):
     """sqrt(0.5) crops round up to 48x88 (over 0.51x the FLOPs of 64x128)."""

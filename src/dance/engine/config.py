@@ -232,6 +232,10 @@ class NetworkSlimmingConfig(_Strict):
     enabled: bool = True
     lambda_: float = Field(1e-4, ge=0, alias="lambda")
     prune_at: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
+    # the points are fractions of the first prune_within_epochs epochs (of all of them in a run
+    # no longer than that): a long run is slimmed early and trains its slim network for the
+    # rest (docs/method.md#network-slimming); null: fractions of the whole run
+    prune_within_epochs: float | None = None
     network_budget: float | None = None
     gate_threshold: float = Field(0.1, ge=0, le=1)
     importance: Literal["loss", "gate"] = "loss"
@@ -258,6 +262,22 @@ class NetworkSlimmingConfig(_Strict):
         if any(not 0 < p < 1 for p in v):
             raise ValueError(f"prune_at fractions must lie in (0, 1), got {v}")
         return sorted(v)
+
+    @field_validator("prune_within_epochs")
+    @classmethod
+    def _within(cls, v):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"prune_within_epochs must be a number of epochs > 0 or null, "
+                             f"got {v!r}")
+        return v
+
+    def points(self, epochs: int) -> list[float]:
+        """The pruning points as fractions of a run of ``epochs`` epochs: ``prune_at`` of the
+        first ``prune_within_epochs`` epochs, or of all of them when the run is no longer."""
+        window = self.prune_within_epochs
+        if window is None or window >= epochs:
+            return list(self.prune_at)
+        return [p * window / epochs for p in self.prune_at]
 
     @field_validator("network_budget")
     @classmethod

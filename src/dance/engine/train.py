@@ -433,9 +433,11 @@ def data_budget(cfg: RunConfig, draft: DataSlimmingPlan | None = None) -> float:
         return budget
     ns = cfg.network_slimming
     if draft is None or draft.schedule == "static":
-        return min(1.0, budget / NetworkSlimmer.expected_fraction(ns.prune_at, ns.network_budget))
+        return min(1.0, budget / NetworkSlimmer.expected_fraction(ns.points(cfg.train.epochs),
+                                                                  ns.network_budget))
     epochs = cfg.train.epochs
-    fraction = np.array([NetworkSlimmer.expected_fraction(ns.prune_at, ns.network_budget,
+    points = ns.points(epochs)
+    fraction = np.array([NetworkSlimmer.expected_fraction(points, ns.network_budget,
                                                           e / epochs, (e + 1) / epochs)
                          for e in range(epochs)])
 
@@ -491,7 +493,7 @@ def make_slimmer(cfg: RunConfig, model: nn.Module) -> NetworkSlimmer | None:
     if not ns.enabled:
         return None
     h, w = cfg.train.crop
-    return NetworkSlimmer(model, lam=ns.lambda_, prune_at=ns.prune_at,
+    return NetworkSlimmer(model, lam=ns.lambda_, prune_at=ns.points(cfg.train.epochs),
                           gate_threshold=ns.gate_threshold, network_budget=ns.network_budget,
                           importance=ns.importance, input_shape=(1, 3, h, w),
                           loss_tolerance=ns.loss_tolerance,
@@ -585,7 +587,7 @@ def network_outlook(cfg: RunConfig, slimmer: NetworkSlimmer):
     reached = slimmer.target_fraction(max(slimmer.done)) if slimmer.done else 1.0
 
     def factor(epoch: int) -> float:
-        ahead = NetworkSlimmer.expected_fraction(ns.prune_at, ns.network_budget,
+        ahead = NetworkSlimmer.expected_fraction(ns.points(epochs), ns.network_budget,
                                                  min(epoch, epochs - 1) / epochs,
                                                  min(epoch + 1, epochs) / epochs)
         return min(1.0, ahead / reached)
