@@ -248,3 +248,7 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
               for d in ("a", "b")]
     assert cached[0] == cached[1] and cached[0]["train"]["decode_cache"] is True
     assert cached[0]["train"]["decode_cache_gb"] == 20.0
+    # prune points over the whole run are no key (as before the window existed); a window counts
+    assert "prune_within_epochs" not in r["network_slimming"]
+    within = config_from_dict({"network_slimming": {"prune_within_epochs": 32}}).to_dict()
+    assert result_config(within)["network_slimming"]["prune_within_epochs"] == 32

@@ -66,6 +66,9 @@ def result_config(config: dict) -> dict:
             ds.pop(key, None)
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
+    ns = cfg.get("network_slimming", {})
+    if ns.get("prune_within_epochs", 0) is None:  # as a run made before the key existed
+        ns.pop("prune_within_epochs")
     train = cfg.get("train", {})
     if not train.get("decode_cache"):  # off: as a run made before the cache existed
         train.pop("decode_cache", None)
