@@ -248,7 +248,14 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
               for d in ("a", "b")]
     assert cached[0] == cached[1] and cached[0]["train"]["decode_cache"] is True
     assert cached[0]["train"]["decode_cache_gb"] == 20.0
-    # prune points over the whole run are no key (as before the window existed); a window counts
-    assert "prune_within_epochs" not in r["network_slimming"]
-    within = config_from_dict({"network_slimming": {"prune_within_epochs": 32}}).to_dict()
-    assert result_config(within)["network_slimming"]["prune_within_epochs"] == 32
+    # prune points over the whole run are no key (as before the window existed: no window, or one
+    # at least as long as the run); a window that moves the points counts
+    assert "prune_within_epochs" not in r["network_slimming"]  # 32 epochs of a 4-epoch run
+
+    def window(epochs, within):
+        return result_config(config_from_dict({
+            "train": {"epochs": epochs},
+            "network_slimming": {"prune_within_epochs": within}}).to_dict())["network_slimming"]
+    assert window(192, 32)["prune_within_epochs"] == 32
+    assert "prune_within_epochs" not in window(24, 32) and "prune_within_epochs" not in \
+        window(192, None)

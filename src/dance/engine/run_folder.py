@@ -66,9 +66,10 @@ def result_config(config: dict) -> dict:
             ds.pop(key, None)
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
-    ns = cfg.get("network_slimming", {})
-    if ns.get("prune_within_epochs", 0) is None:  # as a run made before the key existed
-        ns.pop("prune_within_epochs")
+    ns, epochs = cfg.get("network_slimming", {}), cfg.get("train", {}).get("epochs", 0)
+    if "prune_within_epochs" in ns and (ns["prune_within_epochs"] is None
+                                        or ns["prune_within_epochs"] >= epochs):
+        del ns["prune_within_epochs"]  # points over the whole run: as before the key existed
     train = cfg.get("train", {})
     if not train.get("decode_cache"):  # off: as a run made before the cache existed
         train.pop("decode_cache", None)
