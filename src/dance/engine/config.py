@@ -228,6 +228,13 @@ class DataSlimmingConfig(_Strict):
         return float(v)
 
 
+def prune_window(within: float | None, epochs: int) -> float | None:
+    """``network_slimming.prune_within_epochs`` where it moves the pruning points of a run of
+    ``epochs`` epochs; None where they stay fractions of the whole run (no window, or one at
+    least as long as the run)."""
+    return None if within is None or within >= epochs else within
+
+
 class NetworkSlimmingConfig(_Strict):
     enabled: bool = True
     lambda_: float = Field(1e-4, ge=0, alias="lambda")
@@ -275,8 +282,8 @@ class NetworkSlimmingConfig(_Strict):
     def points(self, epochs: int) -> list[float]:
         """The pruning points as fractions of a run of ``epochs`` epochs: ``prune_at`` of the
         first ``prune_within_epochs`` epochs, or of all of them when the run is no longer."""
-        window = self.prune_within_epochs
-        if window is None or window >= epochs:
+        window = prune_window(self.prune_within_epochs, epochs)
+        if window is None:
             return list(self.prune_at)
         return [p * window / epochs for p in self.prune_at]
 

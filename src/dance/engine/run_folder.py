@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from dance.engine.config import prune_window
 from dance.errors import DanceError
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -67,8 +68,7 @@ def result_config(config: dict) -> dict:
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
     ns, epochs = cfg.get("network_slimming", {}), cfg.get("train", {}).get("epochs", 0)
-    if "prune_within_epochs" in ns and (ns["prune_within_epochs"] is None
-                                        or ns["prune_within_epochs"] >= epochs):
+    if "prune_within_epochs" in ns and prune_window(ns["prune_within_epochs"], epochs) is None:
         del ns["prune_within_epochs"]  # points over the whole run: as before the key existed
     train = cfg.get("train", {})
     if not train.get("decode_cache"):  # off: as a run made before the cache existed

@@ -431,12 +431,10 @@ def data_budget(cfg: RunConfig, draft: DataSlimmingPlan | None = None) -> float:
     budget = cfg.data_slimming.budget
     if not joint(cfg):
         return budget
-    ns = cfg.network_slimming
-    if draft is None or draft.schedule == "static":
-        return min(1.0, budget / NetworkSlimmer.expected_fraction(ns.points(cfg.train.epochs),
-                                                                  ns.network_budget))
-    epochs = cfg.train.epochs
+    ns, epochs = cfg.network_slimming, cfg.train.epochs
     points = ns.points(epochs)
+    if draft is None or draft.schedule == "static":
+        return min(1.0, budget / NetworkSlimmer.expected_fraction(points, ns.network_budget))
     fraction = np.array([NetworkSlimmer.expected_fraction(points, ns.network_budget,
                                                           e / epochs, (e + 1) / epochs)
                          for e in range(epochs)])
@@ -585,9 +583,10 @@ def network_outlook(cfg: RunConfig, slimmer: NetworkSlimmer):
     learning-rate schedule and the points keep their places in the run."""
     ns, epochs = cfg.network_slimming, cfg.train.epochs
     reached = slimmer.target_fraction(max(slimmer.done)) if slimmer.done else 1.0
+    points = ns.points(epochs)
 
     def factor(epoch: int) -> float:
-        ahead = NetworkSlimmer.expected_fraction(ns.points(epochs), ns.network_budget,
+        ahead = NetworkSlimmer.expected_fraction(points, ns.network_budget,
                                                  min(epoch, epochs - 1) / epochs,
                                                  min(epoch + 1, epochs) / epochs)
         return min(1.0, ahead / reached)
