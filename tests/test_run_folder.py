@@ -259,3 +259,9 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
     assert window(192, 32)["prune_within_epochs"] == 32
     assert "prune_within_epochs" not in window(24, 32) and "prune_within_epochs" not in \
         window(192, None)
+    # the sparsity term kept after the last pruning point is what every run did before the key
+    # existed: no key; off (the default) counts, so those runs are not taken for today's
+    assert r["network_slimming"]["sparsity_after_last_point"] is False
+    kept = result_config(config_from_dict({"network_slimming": {
+        "sparsity_after_last_point": True}}).to_dict())["network_slimming"]
+    assert "sparsity_after_last_point" not in kept

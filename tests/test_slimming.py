@@ -328,6 +328,26 @@ def test_state_dict_round_trip(toy):
         NetworkSlimmer(model, input_shape=(1, 3, 32, 32)).load_state_dict(state)
 
 
+
+@pytest.mark.parametrize("after_last", [False, True])
+def test_sparsity_term_stops_after_the_last_point_unless_asked(toy, after_last):
+    """Nothing is removed after the last pruning point, so the L1 pull would only drive the
+    scales the slim network keeps to zero: the term is off from then on (by default)."""
+    model = ToyNet()
+    slimmer = NetworkSlimmer(model, lam=0.5, prune_at=(0.3, 0.5), input_shape=SHAPE,
+                             sparsity_after_last_point=after_last)
+    assert slimmer.sparsity_loss(model).item() > 0
+    slimmer.prune(model, toy["probe"], F.cross_entropy, progress=0.3)
+    assert slimmer.sparsity_active() and slimmer.sparsity_loss(model).item() > 0
+    slimmer.prune(model, toy["probe"], F.cross_entropy, progress=0.5)
+    assert slimmer.sparsity_active() == after_last
+    assert (slimmer.sparsity_loss(model).item() > 0) == after_last
+    state = slimmer.state_dict()  # a resume after the last point stays off
+    resumed = NetworkSlimmer(model, lam=0.5, prune_at=(0.3, 0.5), input_shape=SHAPE,
+                             sparsity_after_last_point=after_last)
+    resumed.load_state_dict(state)
+    assert resumed.sparsity_active() == after_last
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"importance": "norm"}, "importance"),
     ({"network_budget": 1.5}, "network_budget"),

@@ -261,6 +261,9 @@ class NetworkSlimmingConfig(_Strict):
     # convolutions), the memory-bound part of inference time (docs/method.md#channel-cost);
     # 0 ranks by FLOPs alone. The budget is FLOPs either way
     memory_weight: float = Field(0.0, ge=0)
+    # keep the sparsity terms on after the last pruning point. Off: nothing is removed after it,
+    # and the L1 pull only kills channels of the slim network
+    sparsity_after_last_point: bool = False
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

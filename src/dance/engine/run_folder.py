@@ -70,6 +70,8 @@ def result_config(config: dict) -> dict:
     ns, epochs = cfg.get("network_slimming", {}), cfg.get("train", {}).get("epochs", 0)
     if "prune_within_epochs" in ns and prune_window(ns["prune_within_epochs"], epochs) is None:
         del ns["prune_within_epochs"]  # points over the whole run: as before the key existed
+    if ns.get("sparsity_after_last_point"):
+        del ns["sparsity_after_last_point"]  # what every run did before the key existed
     train = cfg.get("train", {})
     if not train.get("decode_cache"):  # off: as a run made before the cache existed
         train.pop("decode_cache", None)

@@ -499,7 +499,8 @@ def make_slimmer(cfg: RunConfig, model: nn.Module) -> NetworkSlimmer | None:
                           channels=ns.channels and ns.network_budget is not None,
                           channel_lambda=ns.channel_lambda,
                           channel_importance=ns.channel_importance,
-                          memory_weight=ns.memory_weight)
+                          memory_weight=ns.memory_weight,
+                          sparsity_after_last_point=ns.sparsity_after_last_point)
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

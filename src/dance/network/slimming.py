@@ -144,7 +144,7 @@ class NetworkSlimmer:
                  input_shape: Sequence[int] = (1, 3, 512, 1024), loss_tolerance: float = 0.01,
                  max_removals_per_point: int = 1, channels: bool = False,
                  channel_lambda: float = 1e-4, channel_importance: str = "taylor",
-                 memory_weight: float = 0.0):
+                 memory_weight: float = 0.0, sparsity_after_last_point: bool = False):
         if not lam >= 0:
             raise DanceError(f"network_slimming.lambda must be >= 0, got {lam!r}")
         prune_at = sorted({float(p) for p in prune_at})
@@ -193,6 +193,7 @@ class NetworkSlimmer:
         self.channels = bool(channels)
         self.channel_lambda = float(channel_lambda)
         self.channel_importance = channel_importance
+        self.sparsity_after_last_point = bool(sparsity_after_last_point)
         self._channel_terms: dict[tuple, list[tuple[list[str], float]]] = {}
         self._scales_key: tuple | None = None  # the parameters of the last architecture only
         self._scales: tuple[list[torch.Tensor], torch.Tensor] = ([], torch.zeros(0))
@@ -219,9 +220,12 @@ class NetworkSlimmer:
     def sparsity_loss(self, model: nn.Module, mean_scale: float = 1.0) -> torch.Tensor:
         """``lam * sum_b c_b * |g_b|`` (docs/method.md#network-slimming), differentiable w.r.t. the
         gates, plus, with channel slimming, ``channel_lambda * sum_g c_g * sum |gamma_g|`` over
-        every removable channel group's BatchNorm scales (docs/method.md#channel-slimming)."""
+        every removable channel group's BatchNorm scales (docs/method.md#channel-slimming).
+        Zero once every pruning point is done (``sparsity_active``)."""
         model = unwrap_model(model)
         total = next(model.parameters()).new_zeros(())
+        if not self.sparsity_active():
+            return total
         if self.lam > 0:  # switched off: skip the FLOPs shares altogether
             shares = self._cost_shares(model, mean_scale)
             if shares:
@@ -267,6 +271,12 @@ class NetworkSlimmer:
         return self._channel_terms[key]
 
     # -- schedule -------------------------------------------------------------------------------
+
+    def sparsity_active(self) -> bool:
+        """Whether the sparsity term still has a pruning point to prepare: after the last one
+        nothing is removed, and an L1 pull on the slim network's scales only drives channels it
+        keeps to zero (unless ``sparsity_after_last_point``)."""
+        return self.sparsity_after_last_point or len(self.done) < len(self.prune_at)
 
     def _pending(self, progress: float) -> list[float]:
         return [p for p in self.prune_at if p <= progress and p not in self.done]
