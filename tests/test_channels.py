@@ -2,6 +2,7 @@
 and the torchvision adapters; params and FLOPs fall; branches still come off a channel-slimmed
 model; exports match; a checkpoint rebuilds the slimmed shapes; bad input is a clear error."""
 import copy
+import json
 import subprocess
 import sys
 
@@ -208,6 +209,36 @@ def test_a_channels_activation_traffic_is_exact_for_one_group_at_a_time():
         assert moved == pytest.approx(g.chunk() * g.melems_per_channel, rel=1e-6), g.layer
         assert g.cost(0.5) == pytest.approx(g.gflops_per_channel + 0.5 * g.melems_per_channel)
 
+
+def test_max_channel_cut_keeps_every_group_at_its_share_and_survives_a_resume():
+    """No group loses more than max_channel_cut of the width it had as training started, over
+    every point and across a resume (the slimmer is rebuilt on the slimmed model there); the
+    budget is still met."""
+    torch.manual_seed(0)
+    model = randomized("deeplabv3plus_mbv2")
+    start = {g.layer: g.channels for g in channel_groups(model, SHAPE)}
+    probe = [(torch.rand(4, 3, 64, 96), torch.randint(0, 5, (4, 64, 96)))]
+    slimmer = NetworkSlimmer(model, network_budget=0.5, input_shape=SHAPE, channels=True,
+                             max_channel_cut=0.5)
+    slimmer.prune(model, probe, F.cross_entropy, slimmer.prune_at[0])
+    resumed = NetworkSlimmer(model, network_budget=0.5, input_shape=SHAPE, channels=True,
+                             max_channel_cut=0.5)
+    resumed.load_state_dict(json.loads(json.dumps(slimmer.state_dict())))
+    assert resumed.original_widths == start
+    for p in resumed.prune_at[1:]:
+        event = resumed.prune(model, probe, F.cross_entropy, p)
+    assert abs(event.gflops_after / resumed.original_gflops / 0.5 - 1) <= 0.05
+    now = {g.layer: g.channels for g in channel_groups(model, SHAPE)}
+    assert all(now[k] >= start[k] / 2 for k in now if k in start), now
+    unlimited = randomized("deeplabv3plus_mbv2")  # the same cut without the limit goes further
+    free = NetworkSlimmer(unlimited, network_budget=0.5, input_shape=SHAPE, channels=True)
+    for p in free.prune_at:
+        free.prune(unlimited, probe, F.cross_entropy, p)
+    assert min(g.channels / start[g.layer] for g in channel_groups(unlimited, SHAPE)
+               if g.layer in start) < 0.5
+    with pytest.raises(DanceError, match="max_channel_cut"):
+        NetworkSlimmer(model, network_budget=0.5, input_shape=SHAPE, channels=True,
+                       max_channel_cut=0.0)
 
 @pytest.mark.parametrize("memory_weight", [0.0, 0.3])
 def test_a_network_budget_lands_within_2_percent_on_a_small_model(memory_weight):

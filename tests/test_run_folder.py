@@ -265,3 +265,8 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
     kept = result_config(config_from_dict({"network_slimming": {
         "sparsity_after_last_point": True}}).to_dict())["network_slimming"]
     assert "sparsity_after_last_point" not in kept
+    # no limit on a group's cut is no key; a limit counts
+    assert "max_channel_cut" not in r["network_slimming"]
+    cut = result_config(config_from_dict({"network_slimming": {
+        "max_channel_cut": 0.5}}).to_dict())["network_slimming"]
+    assert cut["max_channel_cut"] == 0.5

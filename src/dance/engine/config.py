@@ -264,6 +264,9 @@ class NetworkSlimmingConfig(_Strict):
     # keep the sparsity terms on after the last pruning point. Off: nothing is removed after it,
     # and the L1 pull only kills channels of the slim network
     sparsity_after_last_point: bool = False
+    # the most of a channel group's width (as training starts) that slimming may remove; 1: no
+    # limit, the global ranking decides alone
+    max_channel_cut: float = Field(1.0, gt=0, le=1)
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

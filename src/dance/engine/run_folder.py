@@ -72,6 +72,8 @@ def result_config(config: dict) -> dict:
         del ns["prune_within_epochs"]  # points over the whole run: as before the key existed
     if ns.get("sparsity_after_last_point"):
         del ns["sparsity_after_last_point"]  # what every run did before the key existed
+    if ns.get("max_channel_cut") == 1.0:
+        del ns["max_channel_cut"]  # no limit: as before the key existed
     train = cfg.get("train", {})
     if not train.get("decode_cache"):  # off: as a run made before the cache existed
         train.pop("decode_cache", None)

@@ -500,7 +500,8 @@ def make_slimmer(cfg: RunConfig, model: nn.Module) -> NetworkSlimmer | None:
                           channel_lambda=ns.channel_lambda,
                           channel_importance=ns.channel_importance,
                           memory_weight=ns.memory_weight,
-                          sparsity_after_last_point=ns.sparsity_after_last_point)
+                          sparsity_after_last_point=ns.sparsity_after_last_point,
+                          max_channel_cut=ns.max_channel_cut)
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

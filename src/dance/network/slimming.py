@@ -144,7 +144,8 @@ class NetworkSlimmer:
                  input_shape: Sequence[int] = (1, 3, 512, 1024), loss_tolerance: float = 0.01,
                  max_removals_per_point: int = 1, channels: bool = False,
                  channel_lambda: float = 1e-4, channel_importance: str = "taylor",
-                 memory_weight: float = 0.0, sparsity_after_last_point: bool = False):
+                 memory_weight: float = 0.0, sparsity_after_last_point: bool = False,
+                 max_channel_cut: float = 1.0):
         if not lam >= 0:
             raise DanceError(f"network_slimming.lambda must be >= 0, got {lam!r}")
         prune_at = sorted({float(p) for p in prune_at})
@@ -194,6 +195,14 @@ class NetworkSlimmer:
         self.channel_lambda = float(channel_lambda)
         self.channel_importance = channel_importance
         self.sparsity_after_last_point = bool(sparsity_after_last_point)
+        if not 0 < max_channel_cut <= 1:
+            raise DanceError(f"network_slimming.max_channel_cut must be in (0, 1], "
+                             f"got {max_channel_cut!r}")
+        self.max_channel_cut = float(max_channel_cut)
+        # each group's width as training starts: max_channel_cut is a fraction of it
+        self.original_widths = ({g.layer: g.channels for g in
+                                 ch.channel_groups(unwrap_model(model), self.input_shape)}
+                                if self.channels and self.max_channel_cut < 1 else {})
         self._channel_terms: dict[tuple, list[tuple[list[str], float]]] = {}
         self._scales_key: tuple | None = None  # the parameters of the last architecture only
         self._scales: tuple[list[torch.Tensor], torch.Tensor] = ([], torch.zeros(0))
@@ -518,7 +527,8 @@ class NetworkSlimmer:
         return False
 
     def _chunk_candidates(self, model: nn.Module, probe: _Probe | None) -> list[dict]:
-        """Every group's next chunks (down to ``ROUND_TO`` channels), least important first."""
+        """Every group's next chunks (down to ``ROUND_TO`` channels, and to no fewer than
+        ``1 - max_channel_cut`` of its width as training started), least important first."""
         scores = self._channel_scores(model, probe)
         out = []
         for g in ch.channel_groups(model, self.input_shape):
@@ -527,7 +537,8 @@ class NetworkSlimmer:
                 continue
             order = torch.argsort(imp).tolist()
             width, start = g.channels, 0
-            while (k := ch.chunk_size(width)) > 0:
+            floor = (1 - self.max_channel_cut) * self.original_widths.get(g.layer, 0)
+            while (k := ch.chunk_size(width)) > 0 and width - k >= floor:
                 idx = order[start:start + k]
                 value = float(imp[idx].sum())
                 if not math.isfinite(value):
@@ -570,7 +581,8 @@ class NetworkSlimmer:
         """JSON-serialisable state: the schedule's progress, the reference FLOPs, the history."""
         return {"prune_at": list(self.prune_at), "done": list(self.done),
                 "original_gflops": self.original_gflops, "input_shape": list(self.input_shape),
-                "events": [e.to_json() for e in self.events]}
+                "events": [e.to_json() for e in self.events],
+                "original_widths": dict(self.original_widths)}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["input_shape"]) != list(self.input_shape):
@@ -579,6 +591,7 @@ class NetworkSlimmer:
         self.done = [float(p) for p in state["done"]]
         self.original_gflops = float(state["original_gflops"])
         self.events = [PruneEvent(**e) for e in state["events"]]
+        self.original_widths = dict(state.get("original_widths", self.original_widths))
 
 
 def _share(k: int, points: int, network_budget: float) -> float:
