@@ -18,7 +18,7 @@ from dance.errors import DanceError
 from dance.network.channels import ROUND_TO, channel_groups, mask_channels, remove_channels
 from dance.network.flops import count_gflops
 from dance.network.registry import Architecture
-from dance.network.slimming import NetworkSlimmer
+from dance.network.slimming import NetworkSlimmer, _Probe
 
 # Narrow but real: every coupling of each family is there (concats, residual sums, depthwise
 # groups, attention products, HRNet's fusion), at widths that keep the test fast.
@@ -239,6 +239,40 @@ def test_max_channel_cut_keeps_every_group_at_its_share_and_survives_a_resume():
     with pytest.raises(DanceError, match="max_channel_cut"):
         NetworkSlimmer(model, network_budget=0.5, input_shape=SHAPE, channels=True,
                        max_channel_cut=0.0)
+
+def test_taylor_batches_averages_each_probe_batchs_importance():
+    """``taylor_batches`` is the mean over the probe batches of each batch's Taylor importance
+    (so gradients of opposite sign on two batches do not cancel); with one batch it is
+    ``taylor``."""
+    from dance.network.channels import channel_importance
+    model = randomized("deeplabv3plus_mbv2")
+    torch.manual_seed(1)
+    probe = [(torch.rand(2, 3, 64, 96), torch.randint(0, 5, (2, 64, 96))) for _ in range(3)]
+
+    def scores(kind: str, batches) -> dict[str, torch.Tensor]:
+        slimmer = NetworkSlimmer(model, network_budget=0.5, input_shape=SHAPE, channels=True,
+                                 channel_importance=kind)
+        return slimmer._channel_scores(model, _Probe(model, batches, F.cross_entropy))
+
+    def taylor_of(batch) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        out = channel_importance(model, "taylor")
+        model.zero_grad(set_to_none=True)
+        return out
+
+    per_batch = [taylor_of(b) for b in probe]
+    averaged, pooled = scores("taylor_batches", probe), scores("taylor", probe)
+    assert all(p.grad is None for p in model.parameters())
+    finite = [k for k, v in averaged.items() if torch.isfinite(v).all()]
+    assert finite
+    for k in finite:
+        assert torch.allclose(averaged[k], sum(b[k] for b in per_batch) / 3, rtol=1e-5)
+    assert any(not torch.allclose(averaged[k], pooled[k]) for k in finite)
+    assert all((averaged[k] >= pooled[k] - 1e-6).all() for k in finite)  # |mean| <= mean |.|
+    one = scores("taylor_batches", probe[:1])
+    assert all(torch.equal(one[k], v) for k, v in scores("taylor", probe[:1]).items())
+
 
 @pytest.mark.parametrize("memory_weight", [0.0, 0.3])
 def test_a_network_budget_lands_within_2_percent_on_a_small_model(memory_weight):

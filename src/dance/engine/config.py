@@ -255,7 +255,7 @@ class NetworkSlimmingConfig(_Strict):
     # term on the groups' BatchNorm scales (applied only when there is a budget to meet)
     channels: bool = True
     channel_lambda: float = Field(1e-4, ge=0)
-    channel_importance: Literal["taylor", "bn_scale"] = "taylor"
+    channel_importance: Literal["taylor", "taylor_batches", "bn_scale"] = "taylor"
     # the ranking's cost of a channel or branch: its GFLOPs plus this many GFLOPs per million
     # activation elements it moves (written by convolutions and BatchNorms, read by dense
     # convolutions), the memory-bound part of inference time (docs/method.md#channel-cost);

@@ -47,7 +47,7 @@ from dance.network.flops import architecture_signature, count_gflops, meta_copy
 from dance.network.gates import NO_BRANCHES, branches, multiscale_modules, remove_branches
 
 IMPORTANCE_KINDS = ("loss", "gate")
-CHANNEL_IMPORTANCE_KINDS = ("taylor", "bn_scale")
+CHANNEL_IMPORTANCE_KINDS = ("taylor", "taylor_batches", "bn_scale")
 # Below this many GFLOPs a branch counts as free; keeps importance-per-GFLOP finite (and JSON-able).
 _MIN_GFLOPS = 1e-9
 # A budget removal may land this far below its target (a fraction of it): one 8-channel chunk of
@@ -456,17 +456,25 @@ class NetworkSlimmer:
 
     def _channel_scores(self, model: nn.Module, probe: _Probe | None) -> dict[str, torch.Tensor]:
         """Per removable group, each channel's importance (``channel_importance``); Taylor reads
-        the gradients of the probe loss, computed here and cleared after."""
+        the gradients of the probe loss, computed here and cleared after: ``taylor`` of the
+        probe batches' mean loss, ``taylor_batches`` of each batch's loss, averaged over the
+        batches (equal with one batch)."""
         if self.channel_importance == "bn_scale" or probe is None:
             return ch.channel_importance(model, "bn_scale")
-        model.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            for x, y in probe.batches:
-                (probe.loss_fn(model(x), y) / len(probe.batches)).backward()
+        per_batch = self.channel_importance == "taylor_batches"
+        rounds = [[b] for b in probe.batches] if per_batch else [probe.batches]
+        total: dict[str, torch.Tensor] = {}
         try:
-            return ch.channel_importance(model, "taylor")
+            for batches in rounds:
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    for x, y in batches:
+                        (probe.loss_fn(model(x), y) / len(batches)).backward()
+                for layer, imp in ch.channel_importance(model, "taylor").items():
+                    total[layer] = total[layer] + imp if layer in total else imp
         finally:
             model.zero_grad(set_to_none=True)
+        return {layer: imp / len(rounds) for layer, imp in total.items()}
 
     def _budget_with_channels(self, model: nn.Module, probe: _Probe | None, target: float,
                               take, removals: list[dict]) -> bool:
