@@ -274,6 +274,45 @@ def test_taylor_batches_averages_each_probe_batchs_importance():
     assert all(torch.equal(one[k], v) for k, v in scores("taylor", probe[:1]).items())
 
 
+def test_revive_dead_gives_dead_channels_their_scale_back_at_the_last_point_only():
+    """Channels with no output (BatchNorm scale and shift 0 across their group) have zero
+    importance; with ``revive_dead`` the last pruning point gives the survivors a small scale
+    back, after which none is dead once training goes on; earlier points and runs without the
+    option leave them."""
+    def with_dead_channels() -> nn.Module:
+        model = randomized("deeplabv3plus_mbv2")
+        with torch.no_grad():
+            for g in channel_groups(model, SHAPE):
+                for name in g.bns:
+                    bn = model.get_submodule(name)
+                    bn.weight[:3] = 0.0
+                    bn.bias[:3] = 0.0
+        return model
+
+    torch.manual_seed(1)
+    probe = [(torch.rand(4, 3, 64, 96), torch.randint(0, 5, (4, 64, 96)))]
+
+    def dead(model: nn.Module, slimmer: NetworkSlimmer) -> int:
+        scores = slimmer._channel_scores(model, _Probe(model, probe, F.cross_entropy))
+        return sum(int((v == 0).sum()) for v in scores.values())
+
+    events = {}
+    for revive in (False, True):
+        model = with_dead_channels()
+        slimmer = NetworkSlimmer(model, network_budget=0.9, input_shape=SHAPE, channels=True,
+                                 revive_dead=revive)
+        assert dead(model, slimmer) > 0
+        events[revive] = [slimmer.prune(model, probe, F.cross_entropy, p)
+                          for p in slimmer.prune_at]
+        left = dead(model.train(), slimmer)  # as training goes on: batch statistics
+        assert (left == 0) if revive else (left > 0)
+    assert [e.revived for e in events[False]] == [0, 0, 0]
+    *earlier, last = events[True]
+    assert [e.revived for e in earlier] == [0, 0] and last.revived > 0
+    assert f"revived {last.revived} dead channels" in last.message
+    assert last.to_json()["revived"] == last.revived
+
+
 @pytest.mark.parametrize("memory_weight", [0.0, 0.3])
 def test_a_network_budget_lands_within_2_percent_on_a_small_model(memory_weight):
     """On the demo's model at 64x128 one 8-channel chunk of the stride-4 decoder is 7% of the

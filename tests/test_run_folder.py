@@ -270,3 +270,8 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
     cut = result_config(config_from_dict({"network_slimming": {
         "max_channel_cut": 0.5}}).to_dict())["network_slimming"]
     assert cut["max_channel_cut"] == 0.5
+    # reviving dead channels off (the default) is no key; on counts
+    assert "revive_dead" not in r["network_slimming"]
+    revived = result_config(config_from_dict({"network_slimming": {
+        "revive_dead": True}}).to_dict())["network_slimming"]
+    assert revived["revive_dead"] is True

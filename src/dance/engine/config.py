@@ -267,6 +267,9 @@ class NetworkSlimmingConfig(_Strict):
     # the most of a channel group's width (as training starts) that slimming may remove; 1: no
     # limit, the global ranking decides alone
     max_channel_cut: float = Field(1.0, gt=0, le=1)
+    # at the last pruning point, give channels that no longer fire (zero importance on the
+    # probe: mostly killed by the L1 term) a small BatchNorm scale back, so they train again
+    revive_dead: bool = False
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

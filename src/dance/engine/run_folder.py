@@ -74,6 +74,8 @@ def result_config(config: dict) -> dict:
         del ns["sparsity_after_last_point"]  # what every run did before the key existed
     if ns.get("max_channel_cut") == 1.0:
         del ns["max_channel_cut"]  # no limit: as before the key existed
+    if ns.get("revive_dead") is False:
+        del ns["revive_dead"]  # as before the key existed
     train = cfg.get("train", {})
     if not train.get("decode_cache"):  # off: as a run made before the cache existed
         train.pop("decode_cache", None)

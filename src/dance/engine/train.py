@@ -501,7 +501,7 @@ def make_slimmer(cfg: RunConfig, model: nn.Module) -> NetworkSlimmer | None:
                           channel_importance=ns.channel_importance,
                           memory_weight=ns.memory_weight,
                           sparsity_after_last_point=ns.sparsity_after_last_point,
-                          max_channel_cut=ns.max_channel_cut)
+                          max_channel_cut=ns.max_channel_cut, revive_dead=ns.revive_dead)
 
 
 def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:

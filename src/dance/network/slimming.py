@@ -50,6 +50,8 @@ IMPORTANCE_KINDS = ("loss", "gate")
 CHANNEL_IMPORTANCE_KINDS = ("taylor", "taylor_batches", "bn_scale")
 # Below this many GFLOPs a branch counts as free; keeps importance-per-GFLOP finite (and JSON-able).
 _MIN_GFLOPS = 1e-9
+# A revived channel's BatchNorm scale, as a share of its layer's live channels' mean |gamma|
+_REVIVE_SCALE = 0.1
 # A budget removal may land this far below its target (a fraction of it): one 8-channel chunk of
 # a wide, high-resolution layer can be 5% of a small model, so the last picks skip such chunks
 # for smaller ones rather than overshoot (the budget promises +-5%)
@@ -74,7 +76,8 @@ class PruneEvent:
     ``channels`` (indices at the time), ``width_before``, ``importance`` (the removed channels'
     summed importance), ``gflops_saved`` (estimated, at the slimmer's input shape) and ``score``
     (importance per GFLOP). ``widths`` maps every removable group's root layer to its width after
-    this point.
+    this point. ``revived``: how many dead channels the last point gave their scale back
+    (``revive_dead``).
     """
 
     progress: float
@@ -87,6 +90,7 @@ class PruneEvent:
     target_gflops: float | None = None
     channels: list[dict] = field(default_factory=list)
     widths: dict[str, int] = field(default_factory=dict)
+    revived: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -145,7 +149,7 @@ class NetworkSlimmer:
                  max_removals_per_point: int = 1, channels: bool = False,
                  channel_lambda: float = 1e-4, channel_importance: str = "taylor",
                  memory_weight: float = 0.0, sparsity_after_last_point: bool = False,
-                 max_channel_cut: float = 1.0):
+                 max_channel_cut: float = 1.0, revive_dead: bool = False):
         if not lam >= 0:
             raise DanceError(f"network_slimming.lambda must be >= 0, got {lam!r}")
         prune_at = sorted({float(p) for p in prune_at})
@@ -199,6 +203,7 @@ class NetworkSlimmer:
             raise DanceError(f"network_slimming.max_channel_cut must be in (0, 1], "
                              f"got {max_channel_cut!r}")
         self.max_channel_cut = float(max_channel_cut)
+        self.revive_dead = bool(revive_dead)
         # each group's width as training starts: max_channel_cut is a fraction of it
         self.original_widths = ({g.layer: g.channels for g in
                                  ch.channel_groups(unwrap_model(model), self.input_shape)}
@@ -341,6 +346,10 @@ class NetworkSlimmer:
         model.eval()
         try:
             event = self._prune(model, probe, float(progress), self.target_fraction(pending[-1]))
+            if (self.revive_dead and self.channels and probe is not None
+                    and len(self.done) + len(pending) == len(self.prune_at)):
+                event.revived = self._revive_dead(model, probe)
+                event.message += f"; revived {event.revived} dead channels"
         finally:
             model.train(was_training)
         self.done.extend(pending)
@@ -453,6 +462,30 @@ class NetworkSlimmer:
                                   short_of_budget, removals),
             channels=removals, widths=widths,
         )
+
+    def _revive_dead(self, model: nn.Module, probe: _Probe) -> int:
+        """After the last point: every channel of a removable group whose importance on the probe
+        is exactly zero (no output and no gradient, a ReLU that never fires: mostly channels the
+        L1 term drove there) gets its BatchNorm scales back at ``_REVIVE_SCALE`` of the live
+        channels' mean ``|gamma|`` in the same BatchNorm, and a zero shift, so it learns again in
+        the slim network (after "ReDo", Sokar et al., ICML 2023, which recycles dormant units;
+        the small scale keeps the model's function nearly unchanged). Returns how many."""
+        scores = self._channel_scores(model, probe)
+        revived = 0
+        with torch.no_grad():
+            for g in ch.channel_groups(model, self.input_shape):
+                dead = torch.nonzero(scores[g.layer] == 0).flatten()
+                if not len(dead) or len(dead) == g.channels:
+                    continue
+                for name in g.bns:
+                    bn = model.get_submodule(name)
+                    live = torch.ones(bn.num_features, dtype=torch.bool)
+                    live[dead] = False
+                    idx = dead.to(bn.weight.device)
+                    bn.weight[idx] = _REVIVE_SCALE * bn.weight[live.to(idx.device)].abs().mean()
+                    bn.bias[idx] = 0.0
+                revived += len(dead)
+        return revived
 
     def _channel_scores(self, model: nn.Module, probe: _Probe | None) -> dict[str, torch.Tensor]:
         """Per removable group, each channel's importance (``channel_importance``); Taylor reads
