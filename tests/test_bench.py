@@ -289,6 +289,41 @@ def test_phases_script_prints_every_runs_phases_and_ratios(tmp_path, capsys):
     assert {"forward", "backward", "optimizer"} <= set(saved["uniform"]["phase_seconds"])
 
 
+def test_dead_channels_script_counts_channels_that_no_longer_fire(tmp_path, capsys):
+    """benchmarks/dead_channels.py counts the removable groups' channels with zero Taylor
+    importance: switching some off (BatchNorm scale and shift 0) adds exactly those."""
+    from dance.data.synth import generate_synthstreets
+    from dance.engine.checkpoint import load_model
+    from dance.engine.config import load_config
+    from dance.engine.train import train
+    from dance.network.channels import channel_groups
+    from tiny import TINY
+    root = tmp_path / "synth"
+    generate_synthstreets(root, train=8, val=2, size=(64, 128), seed=0, progress=False)
+    run = tmp_path / "compare" / "runs" / "baseline-seed0"
+    cfg = load_config(None, [f"dataset.root={root}", "data_slimming.enabled=false",
+                             "network_slimming.enabled=false", *TINY, "train.epochs=1"])
+    train(cfg, run, progress=False)
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks"
+                             / "dead_channels.py"))
+    total, dead = mod["dead_channels"](run, 4, 0)
+    assert mod["main"]([str(tmp_path / "compare"), "--images", "4"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:3] == ["baseline-seed0", str(total), str(dead)]
+    model = load_model(run)
+    assert total == sum(g.channels for g in channel_groups(model, (1, 3, 64, 128)))
+    x = torch.rand(4, 3, 64, 128)
+    y = torch.randint(0, 5, (4, 64, 128))
+    before = mod["count_dead"](model, [(x, y)], (64, 128))
+    with torch.no_grad():
+        for g in [g for g in channel_groups(model, (1, 3, 64, 128)) if g.bns][:2]:
+            for bn in g.bns:
+                model.get_submodule(bn).weight[-3:] = 0.0
+                model.get_submodule(bn).bias[-3:] = 0.0
+    assert mod["count_dead"](model, [(x, y)], (64, 128)) == (before[0], before[1] + 6)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_benchmark_data_lives_in_this_users_private_cache_not_in_tmp(tmp_path, monkeypatch):
     from dance.bench import common
     from dance.errors import DanceError
