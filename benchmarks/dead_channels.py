@@ -1,6 +1,6 @@
 """Dead channels of each trained run's final model: channels of the removable channel groups whose
 Taylor importance is exactly zero on a batch of training crops at full scale (no output and no
-gradient: a ReLU that never fires), the count behind BENCHMARKS.md's "Sixth round" table.
+gradient: a ReLU that never fires), the count behind BENCHMARKS.md's "Seventh round" table.
 
     python benchmarks/dead_channels.py COMPARE_DIR [--images 8] [--seed 0]
 
@@ -36,12 +36,9 @@ def count_dead(model, batches, crop) -> tuple[int, int]:
     from dance.engine.loss import weighted_cross_entropy
     from dance.network import channels as ch
 
-    model.eval().zero_grad(set_to_none=True)
-    for x, y in batches:
-        weighted_cross_entropy(model(x).float(), y)[0].backward()
+    scores = ch.taylor_importance(model.eval(), batches,
+                                  lambda logits, y: weighted_cross_entropy(logits.float(), y)[0])
     widths = {g.layer: g.channels for g in ch.channel_groups(model, (1, 3, *crop))}
-    scores = ch.channel_importance(model, "taylor")
-    model.zero_grad(set_to_none=True)
     return sum(widths.values()), sum(int((scores[layer] == 0).sum()) for layer in widths)
 
 

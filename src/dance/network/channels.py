@@ -274,6 +274,27 @@ def channel_importance(model: nn.Module, kind: str = "taylor") -> dict[str, torc
     return out
 
 
+def taylor_importance(model: nn.Module, batches, loss_fn, per_batch: bool = False
+                      ) -> dict[str, torch.Tensor]:
+    """``channel_importance(model, "taylor")`` from the gradients of ``loss_fn`` over
+    ``batches`` (``(input, target)`` pairs): of their mean loss, or with ``per_batch`` of each
+    batch's loss, averaged over the batches. The model's gradients are cleared before and after;
+    its train/eval mode is the caller's."""
+    rounds = [[b] for b in batches] if per_batch else [list(batches)]
+    total: dict[str, torch.Tensor] = {}
+    try:
+        for group in rounds:
+            model.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                for x, y in group:
+                    (loss_fn(model(x), y) / len(group)).backward()
+            for layer, imp in channel_importance(model, "taylor").items():
+                total[layer] = total[layer] + imp if layer in total else imp
+    finally:
+        model.zero_grad(set_to_none=True)
+    return {layer: imp / len(rounds) for layer, imp in total.items()}
+
+
 def remove_channels(model: nn.Module, layer: str, channels: Iterable[int]) -> nn.Module:
     """Remove output ``channels`` of the group rooted at ``layer`` structurally, in place, with
     every layer coupled to them; record it in ``model.dance_arch.removed``. Bad names or indices

@@ -474,17 +474,15 @@ class NetworkSlimmer:
         revived = 0
         with torch.no_grad():
             for g in ch.channel_groups(model, self.input_shape):
-                dead = torch.nonzero(scores[g.layer] == 0).flatten()
-                if not len(dead) or len(dead) == g.channels:
+                dead = scores[g.layer] == 0
+                if not dead.any() or dead.all():
                     continue
                 for name in g.bns:
                     bn = model.get_submodule(name)
-                    live = torch.ones(bn.num_features, dtype=torch.bool)
-                    live[dead] = False
-                    idx = dead.to(bn.weight.device)
-                    bn.weight[idx] = _REVIVE_SCALE * bn.weight[live.to(idx.device)].abs().mean()
-                    bn.bias[idx] = 0.0
-                revived += len(dead)
+                    mask = dead.to(bn.weight.device)
+                    bn.weight[mask] = _REVIVE_SCALE * bn.weight[~mask].abs().mean()
+                    bn.bias[mask] = 0.0
+                revived += int(dead.sum())
         return revived
 
     def _channel_scores(self, model: nn.Module, probe: _Probe | None) -> dict[str, torch.Tensor]:
@@ -494,20 +492,8 @@ class NetworkSlimmer:
         batches (equal with one batch)."""
         if self.channel_importance == "bn_scale" or probe is None:
             return ch.channel_importance(model, "bn_scale")
-        per_batch = self.channel_importance == "taylor_batches"
-        rounds = [[b] for b in probe.batches] if per_batch else [probe.batches]
-        total: dict[str, torch.Tensor] = {}
-        try:
-            for batches in rounds:
-                model.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    for x, y in batches:
-                        (probe.loss_fn(model(x), y) / len(batches)).backward()
-                for layer, imp in ch.channel_importance(model, "taylor").items():
-                    total[layer] = total[layer] + imp if layer in total else imp
-        finally:
-            model.zero_grad(set_to_none=True)
-        return {layer: imp / len(rounds) for layer, imp in total.items()}
+        return ch.taylor_importance(model, probe.batches, probe.loss_fn,
+                                    per_batch=self.channel_importance == "taylor_batches")
 
     def _budget_with_channels(self, model: nn.Module, probe: _Probe | None, target: float,
                               take, removals: list[dict]) -> bool:
