@@ -377,3 +377,48 @@ def test_channel_slimmed_exports_match_pytorch_at_two_sizes(tmp_path, name):
             expected = model(x).numpy()
         np.testing.assert_allclose(np.load(tmp_path / f"onnx{i}.npy"), expected, atol=1e-4, rtol=0)
         np.testing.assert_allclose(np.load(tmp_path / f"ts{i}.npy"), expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["deeplabv3plus_mbv2", "hrnet_w18_small", "bisenet_v1_r18"])
+def test_kept_optimizer_state_is_each_surviving_slice_of_the_old_state(name):
+    """After channel and branch removals every parameter keeps Adam's state of the elements
+    that survived, sliced as the weights were (checked against the gradients, which the
+    surgery slices alike), in its old parameter's group; untouched ones keep theirs."""
+    from dance.network.slimming import OptimizerSnapshot, rebuild_optimizer
+    model = randomized(name).train()
+    gates = [p for p in model.parameters() if p.dim() == 0]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if p.dim() > 0]},
+         {"params": gates, "weight_decay": 0.0}], lr=1e-3)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.rand(2, 3, 64, 96)).square().mean().backward()
+        optimizer.step()
+    for p in model.parameters():  # what the surgery's own slicing of gradients gives
+        p.grad = optimizer.state[p]["exp_avg_sq"].clone()
+    snapshot = OptimizerSnapshot(optimizer, model)
+    old = dict(model.named_parameters())
+    for layer, idx, _ in chunks(model)[::2]:
+        remove_channels(model, layer, idx)
+    branch = next((b.name for b in dance.branches(model)), None)
+    if branch is not None:
+        dance.remove_branches(model, [branch])
+    replaced = [n for n, p in model.named_parameters() if p is not old[n]]
+    assert len(replaced) > 10
+    assert snapshot.carry(model) == len([n for n in replaced if model.get_parameter(n).grad
+                                         is not None])
+    rebuilt = rebuild_optimizer(optimizer, model)
+    group = {id(p): i for i, g in enumerate(rebuilt.param_groups) for p in g["params"]}
+    for p in model.parameters():
+        assert group[id(p)] == (1 if p.dim() == 0 else 0)
+        if p.grad is None:  # a layer rebuilt without its gradient: fresh state, as before
+            assert p not in rebuilt.state
+            continue
+        state = rebuilt.state[p]
+        assert int(state["step"]) == 2
+        torch.testing.assert_close(state["exp_avg_sq"], p.grad, rtol=0, atol=0)
+        assert state["exp_avg"].shape == p.shape
+    assert not any(p in rebuilt.state for n, p in old.items() if n in replaced)
+    optimizer.zero_grad()
+    model(torch.rand(2, 3, 64, 96)).square().mean().backward()
+    rebuilt.step()

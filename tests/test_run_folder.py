@@ -275,3 +275,8 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
     revived = result_config(config_from_dict({"network_slimming": {
         "revive_dead": True}}).to_dict())["network_slimming"]
     assert revived["revive_dead"] is True
+    # keeping the optimizer state through removals off (the default) is no key; on counts
+    assert "keep_optimizer_state" not in r["network_slimming"]
+    kept = result_config(config_from_dict({"network_slimming": {
+        "keep_optimizer_state": True}}).to_dict())["network_slimming"]
+    assert kept["keep_optimizer_state"] is True

@@ -270,6 +270,9 @@ class NetworkSlimmingConfig(_Strict):
     # at the last pruning point, give channels that no longer fire (zero importance on the
     # probe: mostly killed by the L1 term) a small BatchNorm scale back, so they train again
     revive_dead: bool = False
+    # the layers a removal slices keep their optimizer state (Adam's moments, SGD's momentum),
+    # sliced like their weights; off: they restart from empty state, as every run did before
+    keep_optimizer_state: bool = False
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 

@@ -76,6 +76,8 @@ def result_config(config: dict) -> dict:
         del ns["max_channel_cut"]  # no limit: as before the key existed
     if ns.get("revive_dead") is False:
         del ns["revive_dead"]  # as before the key existed
+    if ns.get("keep_optimizer_state") is False:
+        del ns["keep_optimizer_state"]  # as before the key existed
     train = cfg.get("train", {})
     if not train.get("decode_cache"):  # off: as a run made before the cache existed
         train.pop("decode_cache", None)

@@ -65,7 +65,7 @@ from dance.fileio import atomic_write_json, jsonable
 from dance.network.flops import count_gflops, meta_copy
 from dance.network.gates import MultiScaleModule, branches
 from dance.network.registry import build_model
-from dance.network.slimming import NetworkSlimmer, rebuild_optimizer
+from dance.network.slimming import NetworkSlimmer, OptimizerSnapshot, rebuild_optimizer
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -378,6 +378,8 @@ def prune_now(run: Run, state: TrainState, progress: float) -> None:
     DDP wrap. Under DDP rank 0 decides and every other rank replays its removals, in order."""
     arch = run.model.dance_arch
     before = len(arch.removed)
+    snapshot = (OptimizerSnapshot(run.optimizer, run.model)
+                if run.cfg.network_slimming.keep_optimizer_state else None)
     payload = None
     if run.rt.is_main:
         event = run.slimmer.prune(run.model, run.probe, _probe_loss, progress)
@@ -386,6 +388,8 @@ def prune_now(run: Run, state: TrainState, progress: float) -> None:
     if not run.rt.is_main:
         event = run.slimmer.follow(run.model, payload["event"], payload["ops"], progress)
     to_layout(run.model, run.cfg, run.rt)  # layers sliced by the removal
+    if snapshot is not None:
+        snapshot.carry(run.model)
     run.optimizer = rebuild_optimizer(run.optimizer, run.model)
     run.ddp_model = wrap_ddp(run.model, run.rt)
     state.prune_events.append(event.to_json())

@@ -81,7 +81,9 @@ def new_gates(names: Iterable[str]) -> nn.ParameterDict:
 
 
 def slice_conv_inputs(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
-    """A copy of ``conv`` that reads only the input channels in ``keep`` (1-d index tensor)."""
+    """A copy of ``conv`` that reads only the input channels in ``keep`` (1-d index tensor), with
+    its gradients sliced alike when it has them (as Torch-Pruning slices them for channels, which
+    is what ``OptimizerSnapshot`` follows parameters by)."""
     if conv.groups != 1:
         raise DanceError("cannot slice the inputs of a grouped convolution")
     new = nn.Conv2d(
@@ -91,8 +93,12 @@ def slice_conv_inputs(conv: nn.Conv2d, keep: torch.Tensor) -> nn.Conv2d:
     )
     with torch.no_grad():
         new.weight.copy_(conv.weight[:, keep])
+        if conv.weight.grad is not None:
+            new.weight.grad = conv.weight.grad[:, keep].clone()
         if conv.bias is not None:
             new.bias.copy_(conv.bias)
+            if conv.bias.grad is not None:
+                new.bias.grad = conv.bias.grad.clone()
     return new
 
 

@@ -657,6 +657,61 @@ def rebuild_optimizer(optimizer: torch.optim.Optimizer,
     return optimizer
 
 
+class OptimizerSnapshot:
+    """What an optimizer knows about a model's parameters, taken just before a structural
+    removal, to hand the surviving slices of every parameter their own state afterwards.
+
+    A removal replaces every sliced layer's parameters with new, smaller ones (Torch-Pruning's
+    surgery and ``slice_conv_inputs`` both do), so without this they restart with empty state.
+    Under Adam that is a cold start in the middle of training: the first steps move every
+    element of them by about the learning rate in the sign of its gradient, the instability
+    warm-up exists to avoid (Liu et al., "On the Variance of the Adaptive Learning Rate and
+    Beyond", ICLR 2020). ``carry`` slices each state tensor (Adam's moments, SGD's momentum)
+    exactly as its parameter was sliced and keeps scalars (Adam's step count).
+
+    Which elements survived is read by replaying the removal on a float64 copy of the model
+    (no weights copied) whose gradients hold each element's position: the surgery slices
+    gradients with the parameters."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module):
+        self.optimizer = optimizer
+        model = unwrap_model(model)
+        self.params = dict(model.named_parameters())
+        self.start = len(model.dance_arch.removed)
+        self.shell = meta_copy(model).to_empty(device="cpu").double()
+        for p in self.shell.parameters():
+            p.grad = torch.arange(p.numel(), dtype=torch.float64).view(p.shape)
+
+    def carry(self, model: nn.Module) -> int:
+        """Give the parameters that the removals since the snapshot replaced the sliced state
+        of the ones they came from; returns how many parameters got it. Call it before
+        ``rebuild_optimizer``, which drops the replaced parameters' state."""
+        model = unwrap_model(model)
+        ops = model.dance_arch.removed[self.start:]
+        ch.replay(self.shell, ops)
+        positions = {n: p.grad for n, p in self.shell.named_parameters() if p.grad is not None}
+        carried = 0
+        for name, new in model.named_parameters():
+            old = self.params.get(name)
+            if old is None or old is new or name not in positions:
+                continue
+            state = self.optimizer.state.get(old)
+            pos = positions[name]
+            if not state or pos.shape != new.shape:
+                continue
+            index = pos.reshape(-1).to(device=new.device, dtype=torch.long)
+            self.optimizer.state[new] = {
+                k: (v.reshape(-1)[index].view(new.shape).clone()
+                    if v.shape == old.shape else v.clone()) if torch.is_tensor(v) else v
+                for k, v in state.items()}
+            for group in self.optimizer.param_groups:  # where rebuild_optimizer keeps it
+                if any(p is old for p in group["params"]):
+                    group["params"].append(new)
+                    break
+            carried += 1
+        return carried
+
+
 def _nearest_group(name: str, named: list[tuple[str, nn.Parameter]],
                    group_of: dict[int, int], kinds: dict[str, tuple[type, str]]) -> int:
     """The group of the optimizer-held parameter of the same kind (``kinds``: module type and
