@@ -677,6 +677,8 @@ class OptimizerSnapshot:
         self.optimizer = optimizer
         model = unwrap_model(model)
         self.params = dict(model.named_parameters())
+        self.group_of = {id(p): gi for gi, g in enumerate(optimizer.param_groups)
+                         for p in g["params"]}
         self.start = len(model.dance_arch.removed)
         self.shell = meta_copy(model).to_empty(device="cpu").double()
         for p in self.shell.parameters():
@@ -704,10 +706,8 @@ class OptimizerSnapshot:
                 k: (v.reshape(-1)[index].view(new.shape).clone()
                     if v.shape == old.shape else v.clone()) if torch.is_tensor(v) else v
                 for k, v in state.items()}
-            for group in self.optimizer.param_groups:  # where rebuild_optimizer keeps it
-                if any(p is old for p in group["params"]):
-                    group["params"].append(new)
-                    break
+            if id(old) in self.group_of:  # its old group, where rebuild_optimizer keeps it
+                self.optimizer.param_groups[self.group_of[id(old)]]["params"].append(new)
             carried += 1
         return carried
 
