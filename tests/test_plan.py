@@ -302,3 +302,35 @@ def test_cli_plans_as_training_does_and_writes_the_plan(tmp_path, capsys):
                  "--json"]) == 0
     static = json.loads(capsys.readouterr().out)
     assert static["schedule"] == "static" and static["keep_min"] < 1.0
+
+
+def test_a_plan_that_cuts_little_drops_instead_of_downscaling():
+    """data_slimming.drop_above: a plan at a budget of at least it (a long run whose slim
+    network leaves the data little to cut) drops the least complex images' steps at mixed
+    scales; below it, or with drop or downsample set otherwise, the options are as written."""
+    from dance.data.plan import drops_instead, plan_for_policy
+    from dance.engine.config import DataSlimmingConfig
+    ids = [str(i) for i in range(60)]
+    scores = np.random.default_rng(3).random(60)
+    ds = DataSlimmingConfig(drop_above=0.8)
+    light = plan_for_policy(ds, 0.9, ids, scores)
+    assert (light.drop, light.downsample, light.scales_per_epoch) == (True, False, 0)
+    assert set(light.scales) == {1.0} and light.predicted_cost == pytest.approx(0.9, abs=0.01)
+    written = DataSlimmingConfig(drop=True, downsample=False, scales_per_epoch=0)
+    assert light == plan_for_policy(written, 0.9, ids, scores)  # the same plan as written out
+    kept = np.array([q.keep_prob for q in light.per_image])
+    ranks = np.array([q.rank for q in light.per_image])
+    assert kept[ranks <= 0.05].max() < 1.0 and kept[ranks >= 0.5].min() == 1.0  # least complex
+    assert drops_instead(0.8, 0.8, False, True) and not drops_instead(0.8, 0.79, False, True)
+    heavy = plan_for_policy(ds, 0.7, ids, scores)
+    assert heavy == plan_for_policy(DataSlimmingConfig(), 0.7, ids, scores)  # as written
+    assert heavy.downsample and not heavy.drop and heavy.scales_per_epoch == 1
+    assert plan_for_policy(DataSlimmingConfig(), 0.9, ids, scores).downsample  # null: never
+    both = DataSlimmingConfig(drop_above=0.8, drop=True, scales_per_epoch=0)
+    assert plan_for_policy(both, 0.9, ids, scores).downsample
+    # the library's plan() takes the option as dance train does
+    import dance
+    assert not dance.plan(scores, 0.9, ids, drop_above=0.8).downsample
+    assert dance.plan(scores, 0.7, ids, drop_above=0.8).downsample
+    with pytest.raises(ValueError, match="drop_above"):
+        DataSlimmingConfig(drop_above=1.5)

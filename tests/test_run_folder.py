@@ -280,3 +280,8 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
     kept = result_config(config_from_dict({"network_slimming": {
         "keep_optimizer_state": True}}).to_dict())["network_slimming"]
     assert kept["keep_optimizer_state"] is True
+    # no drop_above (null) is no key; a threshold counts
+    assert "drop_above" not in r["data_slimming"] and "drop_above" not in result_config(
+        config_from_dict({}).to_dict())["data_slimming"]
+    assert result_config(config_from_dict({"data_slimming": {
+        "drop_above": 0.8}}).to_dict())["data_slimming"]["drop_above"] == 0.8

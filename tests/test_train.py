@@ -229,6 +229,24 @@ def test_a_joint_budget_spends_the_network_saving_on_data(runs, config, tmp_path
     assert m["realised_cost"] > 0.6  # the data side alone, priced on the original architecture
 
 
+def test_a_joint_plan_that_cuts_little_drops_instead_of_downscaling(runs, config, tmp_path):
+    """data_slimming.drop_above: the joint budget leaves the data plan 0.71 of its cost (as in
+    the test above), at least the threshold, so the plan drops the least complex images' steps
+    at full scale instead of downscaling; the log says so and the total still lands on 0.5."""
+    _, plain, _ = runs
+    out = tmp_path / "drops"
+    m = run_train(config, out, "data_slimming.joint_budget=true", "data_slimming.schedule=static",
+                  "data_slimming.drop_above=0.7", "network_slimming.prune_at=[0.25]",
+                  "network_slimming.network_budget=0.6")
+    assert m["planned_cost"] == pytest.approx(0.5 / 0.7, abs=0.02)
+    p = json.loads((out / "plan.json").read_text())
+    assert p["drop"] and not p["downsample"] and p["keep_min"] < 1.0
+    assert {q["scale"] for q in p["per_image"]} == {1.0}
+    assert "dropping the least complex images' steps" in (out / "train.log").read_text()
+    total = m["train_gflops_total"] / plain["train_gflops_total"]
+    assert abs(total - 0.5) <= 0.03, total
+
+
 def test_a_joint_budget_prices_the_ramp_against_the_slimming_network(runs, config, tmp_path):
     """A progressive plan spends most in its last epochs, when the network is slimmest: planned
     at budget / the mean fraction it would land under its budget (0.47 here); priced epoch by

@@ -118,11 +118,17 @@ def spatial_complexity(image, indicator="si", **kwargs) -> float:
 def plan(scores, budget, ids=None, **options):
     """The data plan for ``scores`` (one per image, or id -> score) at ``budget`` (a fraction of
     the plain run's training FLOPs), with `dance train`'s defaults (its ``data_slimming``
-    section) for every option not given; ``options`` as ``dance.data.plan.plan``."""
+    section) for every option not given; ``options`` as ``dance.data.plan.plan``, and
+    ``drop_above`` as the config's."""
+    from dance.data.plan import DROP_INSTEAD, check_budget, drops_instead, plan_options
     from dance.data.plan import plan as _f
-    from dance.data.plan import plan_options
     from dance.engine.config import DataSlimmingConfig
-    return _f(scores, budget, ids, **{**plan_options(DataSlimmingConfig()), **options})
+    defaults = DataSlimmingConfig(drop_above=options.pop("drop_above", None))  # checks it
+    options = {**plan_options(defaults), **options}
+    if drops_instead(defaults.drop_above, check_budget(budget), options["drop"],
+                     options["downsample"]):
+        options.update(DROP_INSTEAD)
+    return _f(scores, budget, ids, **options)
 
 
 def replay(model, removed):

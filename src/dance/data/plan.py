@@ -799,15 +799,31 @@ def plan_for_policy(ds, budget: float, ids: Sequence[str], scores: np.ndarray | 
         return uniform_plan(ids, budget)
     if ds.policy == "progressive":
         return progressive_plan(ids, budget, final_full=ds.final_full)
-    p = plan(scores, budget, ids, **plan_options(ds))
+    p = plan(scores, budget, ids, **plan_options(ds, budget))
     return p.shuffled(seed) if ds.policy == "shuffled" else p
 
 
-def plan_options(ds) -> dict[str, Any]:
-    """The options of ``plan`` that a ``data_slimming`` config section ``ds`` sets."""
-    return {"schedule": ds.schedule, "drop": ds.drop, "downsample": ds.downsample,
-            "weighting": ds.weighting, "keep_floor": ds.keep_floor,
-            "scales_per_epoch": ds.scales_per_epoch, "final_full": ds.final_full}
+def drops_instead(drop_above: float | None, budget: float, drop: bool, downsample: bool) -> bool:
+    """Whether a plan at ``budget`` drops the least complex images' steps instead of
+    downscaling (``data_slimming.drop_above``): it is set, the budget is at least that (the
+    plan has little to cut), and the options ask for downsampling alone."""
+    return drop_above is not None and budget >= drop_above - 1e-12 and not drop and downsample
+
+
+# what drop_above turns a downsampling plan into: drops at mixed scales (coarse scales only
+# downsample)
+DROP_INSTEAD = {"drop": True, "downsample": False, "scales_per_epoch": 0}
+
+
+def plan_options(ds, budget: float | None = None) -> dict[str, Any]:
+    """The options of ``plan`` that a ``data_slimming`` config section ``ds`` sets, at
+    ``budget`` where ``ds.drop_above`` may turn downsampling into dropping."""
+    options = {"schedule": ds.schedule, "drop": ds.drop, "downsample": ds.downsample,
+               "weighting": ds.weighting, "keep_floor": ds.keep_floor,
+               "scales_per_epoch": ds.scales_per_epoch, "final_full": ds.final_full}
+    if budget is not None and drops_instead(ds.drop_above, budget, ds.drop, ds.downsample):
+        options.update(DROP_INSTEAD)
+    return options
 
 
 def cli_plan(args) -> int:

@@ -186,6 +186,11 @@ class DataSlimmingConfig(_Strict):
     # the seed spread (BENCHMARKS.md, "Ablations"): in a short run, steps are scarce
     drop: bool = False
     downsample: bool = True
+    # a plan made at a budget of at least drop_above (one that cuts little: a long run whose
+    # network is slimmed early keeps 0.9 of the data cost) drops the least complex images'
+    # steps instead of downscaling, at mixed scales; applies with drop off and downsample on.
+    # null: always as drop and downsample say (docs/method.md#data-policy)
+    drop_above: float | None = Field(None, gt=0, le=1)
     weighting: bool = True
     # keep probability the least complex half may fall to before any image is downsampled
     keep_floor: float = Field(0.5, gt=0, le=0.5)

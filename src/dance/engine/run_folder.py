@@ -42,8 +42,8 @@ def _size(path: Path) -> int:
 
 
 # data_slimming keys a plan file replaces (its scales, drops and weights were made with them)
-_PLAN_FILE_KEYS = ("indicator", "schedule", "drop", "downsample", "weighting", "keep_floor",
-                   "scales_per_epoch", "final_full")
+_PLAN_FILE_KEYS = ("indicator", "schedule", "drop", "downsample", "drop_above", "weighting",
+                   "keep_floor", "scales_per_epoch", "final_full")
 
 
 def result_config(config: dict) -> dict:
@@ -67,6 +67,8 @@ def result_config(config: dict) -> dict:
             ds.pop(key, None)
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
+    if "drop_above" in ds and ds["drop_above"] is None:
+        del ds["drop_above"]  # as before the key existed
     ns, epochs = cfg.get("network_slimming", {}), cfg.get("train", {}).get("epochs", 0)
     if "prune_within_epochs" in ns and prune_window(ns["prune_within_epochs"], epochs) is None:
         del ns["prune_within_epochs"]  # points over the whole run: as before the key existed

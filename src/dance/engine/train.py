@@ -30,6 +30,7 @@ from dance.data.plan import (
     DataSlimmingPlan,
     Hardness,
     check_plan_budget,
+    drops_instead,
     load_plan,
     plan,
     plan_for_policy,
@@ -92,6 +93,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                             **cfg.model.options)
         reference = meta_copy(model)  # before a resume replays any slimming
         plan0 = shared_data_plan(cfg, train_ds, out_dir, score_cache, progress, rt)
+        ds = cfg.data_slimming
+        if rt.is_main and ds.enabled and ds.policy in ("dance", "shuffled") and ds.plan is None \
+                and drops_instead(ds.drop_above, plan0.budget, ds.drop, ds.downsample):
+            text_log(out_dir, f"data plan at {plan0.budget:.3f} of the data cost (drop_above "
+                              f"{ds.drop_above:g}): dropping the least complex "
+                              f"images' steps instead of downscaling")
         slimmer = make_slimmer(cfg, model)
         state = TrainState(plan=plan0, hardness=Hardness(len(train_ds)))
         saved = (resume_run(out_dir / "checkpoint", cfg, model, slimmer, state, rt, fingerprint,
