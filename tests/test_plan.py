@@ -325,12 +325,15 @@ def test_a_plan_that_cuts_little_drops_instead_of_downscaling():
     heavy = plan_for_policy(ds, 0.7, ids, scores)
     assert heavy == plan_for_policy(DataSlimmingConfig(), 0.7, ids, scores)  # as written
     assert heavy.downsample and not heavy.drop and heavy.scales_per_epoch == 1
-    assert plan_for_policy(DataSlimmingConfig(), 0.9, ids, scores).downsample  # null: never
+    assert plan_for_policy(DataSlimmingConfig(drop_above=None), 0.9, ids, scores).downsample
+    assert not plan_for_policy(DataSlimmingConfig(), 0.9, ids, scores).downsample  # 0.8
     both = DataSlimmingConfig(drop_above=0.8, drop=True, scales_per_epoch=0)
     assert plan_for_policy(both, 0.9, ids, scores).downsample
     # the library's plan() takes the option as dance train does
     import dance
     assert not dance.plan(scores, 0.9, ids, drop_above=0.8).downsample
+    assert not dance.plan(scores, 0.9, ids).downsample  # the default, as dance train's
+    assert dance.plan(scores, 0.9, ids, drop_above=None).downsample
     assert dance.plan(scores, 0.7, ids, drop_above=0.8).downsample
     with pytest.raises(ValueError, match="drop_above"):
         DataSlimmingConfig(drop_above=1.5)

@@ -275,13 +275,19 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
     revived = result_config(config_from_dict({"network_slimming": {
         "revive_dead": True}}).to_dict())["network_slimming"]
     assert revived["revive_dead"] is True
-    # keeping the optimizer state through removals off (the default) is no key; on counts
+    # keeping the optimizer state through removals off is no key (as before the key existed),
+    # and so is auto without data slimming (it resolves to off); on, and auto, count
     assert "keep_optimizer_state" not in r["network_slimming"]
-    kept = result_config(config_from_dict({"network_slimming": {
-        "keep_optimizer_state": True}}).to_dict())["network_slimming"]
-    assert kept["keep_optimizer_state"] is True
-    # no drop_above (null) is no key; a threshold counts
-    assert "drop_above" not in r["data_slimming"] and "drop_above" not in result_config(
-        config_from_dict({}).to_dict())["data_slimming"]
-    assert result_config(config_from_dict({"data_slimming": {
-        "drop_above": 0.8}}).to_dict())["data_slimming"]["drop_above"] == 0.8
+
+    def slimming(data=None, network=None):
+        return result_config(config_from_dict({"data_slimming": data or {},
+                                               "network_slimming": network or {}}).to_dict())
+    assert "keep_optimizer_state" not in slimming(
+        network={"keep_optimizer_state": False})["network_slimming"]
+    assert slimming()["network_slimming"]["keep_optimizer_state"] == "auto"
+    assert slimming(network={"keep_optimizer_state": True})["network_slimming"][
+        "keep_optimizer_state"] is True
+    # no drop_above (null) is no key; a threshold, 0.8 by default, counts
+    assert "drop_above" not in r["data_slimming"]
+    assert "drop_above" not in slimming(data={"drop_above": None})["data_slimming"]
+    assert slimming()["data_slimming"]["drop_above"] == 0.8

@@ -229,22 +229,41 @@ def test_a_joint_budget_spends_the_network_saving_on_data(runs, config, tmp_path
     assert m["realised_cost"] > 0.6  # the data side alone, priced on the original architecture
 
 
-def test_a_joint_plan_that_cuts_little_drops_instead_of_downscaling(runs, config, tmp_path):
+def optimizer_steps(run_dir) -> set[int]:
+    """The step counts of every parameter's AdamW state in a run's last checkpoint."""
+    from safetensors.torch import load_file
+    state = load_file(str(run_dir / "checkpoint" / "trainer.safetensors"))
+    return {int(v) for k, v in state.items() if k.startswith("optim/") and k.endswith("/step")}
+
+
+def test_a_joint_plan_that_cuts_little_is_the_long_run_regime(runs, config, tmp_path):
     """data_slimming.drop_above: the joint budget leaves the data plan 0.71 of its cost (as in
     the test above), at least the threshold, so the plan drops the least complex images' steps
-    at full scale instead of downscaling; the log says so and the total still lands on 0.5."""
+    at full scale instead of downscaling, and keep_optimizer_state "auto" carries the optimizer
+    state through the removal; the log says so and the total still lands on 0.5. Below the
+    threshold, neither."""
     _, plain, _ = runs
-    out = tmp_path / "drops"
-    m = run_train(config, out, "data_slimming.joint_budget=true", "data_slimming.schedule=static",
-                  "data_slimming.drop_above=0.7", "network_slimming.prune_at=[0.25]",
-                  "network_slimming.network_budget=0.6")
+    joint = ("data_slimming.joint_budget=true", "data_slimming.schedule=static",
+             "network_slimming.prune_at=[0.25]", "network_slimming.network_budget=0.6",
+             "train.optimizer=adamw", "train.lr=0.002")
+    out = tmp_path / "long"
+    m = run_train(config, out, *joint, "data_slimming.drop_above=0.7")
     assert m["planned_cost"] == pytest.approx(0.5 / 0.7, abs=0.02)
+    assert m["prune_events"][0]["channels"]  # the removal sliced layers
     p = json.loads((out / "plan.json").read_text())
     assert p["drop"] and not p["downsample"] and p["keep_min"] < 1.0
     assert {q["scale"] for q in p["per_image"]} == {1.0}
-    assert "dropping the least complex images' steps" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "dropping the least complex images' steps" in log and "keeping the optimizer" in log
+    assert len(optimizer_steps(out)) == 1  # every parameter's state counts every step
     total = m["train_gflops_total"] / plain["train_gflops_total"]
     assert abs(total - 0.5) <= 0.03, total
+    short = tmp_path / "short"  # a plan that cuts more than the threshold allows: as written
+    run_train(config, short, *joint, "data_slimming.drop_above=0.8")
+    p = json.loads((short / "plan.json").read_text())
+    assert p["downsample"] and not p["drop"]
+    assert "dropping" not in (short / "train.log").read_text()
+    assert len(optimizer_steps(short)) > 1  # the sliced layers restarted from empty state
 
 
 def test_a_joint_budget_prices_the_ramp_against_the_slimming_network(runs, config, tmp_path):

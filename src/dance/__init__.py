@@ -123,7 +123,8 @@ def plan(scores, budget, ids=None, **options):
     from dance.data.plan import DROP_INSTEAD, check_budget, drops_instead, plan_options
     from dance.data.plan import plan as _f
     from dance.engine.config import DataSlimmingConfig
-    defaults = DataSlimmingConfig(drop_above=options.pop("drop_above", None))  # checks it
+    given = {"drop_above": options.pop("drop_above")} if "drop_above" in options else {}
+    defaults = DataSlimmingConfig(**given)  # checks it
     options = {**plan_options(defaults), **options}
     if drops_instead(defaults.drop_above, check_budget(budget), options["drop"],
                      options["downsample"]):

@@ -78,8 +78,9 @@ def result_config(config: dict) -> dict:
         del ns["max_channel_cut"]  # no limit: as before the key existed
     if ns.get("revive_dead") is False:
         del ns["revive_dead"]  # as before the key existed
-    if ns.get("keep_optimizer_state") is False:
-        del ns["keep_optimizer_state"]  # as before the key existed
+    if ns.get("keep_optimizer_state") is False or (
+            ns.get("keep_optimizer_state") == "auto" and not ds.get("enabled", True)):
+        del ns["keep_optimizer_state"]  # off (auto is off without a data plan): as before
     train = cfg.get("train", {})
     if not train.get("decode_cache"):  # off: as a run made before the cache existed
         train.pop("decode_cache", None)

@@ -93,12 +93,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                             **cfg.model.options)
         reference = meta_copy(model)  # before a resume replays any slimming
         plan0 = shared_data_plan(cfg, train_ds, out_dir, score_cache, progress, rt)
-        ds = cfg.data_slimming
-        if rt.is_main and ds.enabled and ds.policy in ("dance", "shuffled") and ds.plan is None \
-                and drops_instead(ds.drop_above, plan0.budget, ds.drop, ds.downsample):
+        long_run = in_long_run_regime(cfg, plan0)
+        if rt.is_main and long_run:
             text_log(out_dir, f"data plan at {plan0.budget:.3f} of the data cost (drop_above "
-                              f"{ds.drop_above:g}): dropping the least complex "
-                              f"images' steps instead of downscaling")
+                              f"{cfg.data_slimming.drop_above:g}): dropping the least complex "
+                              f"images' steps instead of downscaling"
+                              + (", keeping the optimizer state through removals"
+                                 if keeps_optimizer_state(cfg, long_run) else ""))
         slimmer = make_slimmer(cfg, model)
         state = TrainState(plan=plan0, hardness=Hardness(len(train_ds)))
         saved = (resume_run(out_dir / "checkpoint", cfg, model, slimmer, state, rt, fingerprint,
@@ -108,6 +109,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         run = start_run(cfg, rt, model, slimmer, train_ds, state, saved, out_dir, progress,
                         fingerprint)
         run.reference = reference
+        run.keep_optimizer_state = keeps_optimizer_state(cfg, long_run)
 
         run.meter.start()
         t_start = time.perf_counter() - state.wall_seconds
@@ -203,6 +205,8 @@ class Run:
     # the architecture the run started with, on the meta device: the data plan's cost is priced
     # on it, so network slimming's saving is not spent on more data (docs/method.md#cost-accounting)
     reference: nn.Module | None = None
+    # removals carry the optimizer state (network_slimming.keep_optimizer_state, resolved)
+    keep_optimizer_state: bool = False
 
 
 def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, float]:
@@ -380,13 +384,27 @@ def warm_shapes(model: nn.Module, shapes: list[tuple[int, ...]], device: torch.d
     model.load_state_dict(stats, strict=False)
 
 
+def in_long_run_regime(cfg: RunConfig, plan0: DataSlimmingPlan) -> bool:
+    """Whether the run's data plan was made where it cuts little (``data_slimming.drop_above``):
+    it then drops instead of downscaling, and ``keep_optimizer_state: auto`` keeps the state
+    (docs/method.md#the-long-run-regime)."""
+    ds = cfg.data_slimming
+    return (ds.enabled and ds.policy in ("dance", "shuffled") and ds.plan is None
+            and drops_instead(ds.drop_above, plan0.budget, ds.drop, ds.downsample))
+
+
+def keeps_optimizer_state(cfg: RunConfig, long_run: bool) -> bool:
+    """``network_slimming.keep_optimizer_state`` resolved: ``auto`` keeps it in a long run."""
+    setting = cfg.network_slimming.keep_optimizer_state
+    return long_run if setting == "auto" else setting
+
+
 def prune_now(run: Run, state: TrainState, progress: float) -> None:
     """A scheduled pruning point: remove branches and channels, then rebuild the optimizer and
     DDP wrap. Under DDP rank 0 decides and every other rank replays its removals, in order."""
     arch = run.model.dance_arch
     before = len(arch.removed)
-    snapshot = (OptimizerSnapshot(run.optimizer, run.model)
-                if run.cfg.network_slimming.keep_optimizer_state else None)
+    snapshot = OptimizerSnapshot(run.optimizer, run.model) if run.keep_optimizer_state else None
     payload = None
     if run.rt.is_main:
         event = run.slimmer.prune(run.model, run.probe, _probe_loss, progress)
