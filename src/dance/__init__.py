@@ -120,15 +120,13 @@ def plan(scores, budget, ids=None, **options):
     the plain run's training FLOPs), with `dance train`'s defaults (its ``data_slimming``
     section) for every option not given; ``options`` as ``dance.data.plan.plan``, and
     ``drop_above`` as the config's."""
-    from dance.data.plan import DROP_INSTEAD, check_budget, drops_instead, plan_options
+    from dance.data.plan import check_budget, plan_options, with_drop_above
     from dance.data.plan import plan as _f
     from dance.engine.config import DataSlimmingConfig
     given = {"drop_above": options.pop("drop_above")} if "drop_above" in options else {}
     defaults = DataSlimmingConfig(**given)  # checks it
-    options = {**plan_options(defaults), **options}
-    if drops_instead(defaults.drop_above, check_budget(budget), options["drop"],
-                     options["downsample"]):
-        options.update(DROP_INSTEAD)
+    options = with_drop_above({**plan_options(defaults), **options}, defaults.drop_above,
+                              check_budget(budget))
     return _f(scores, budget, ids, **options)
 
 

@@ -815,15 +815,22 @@ def drops_instead(drop_above: float | None, budget: float, drop: bool, downsampl
 DROP_INSTEAD = {"drop": True, "downsample": False, "scales_per_epoch": 0}
 
 
+def with_drop_above(options: dict[str, Any], drop_above: float | None,
+                    budget: float) -> dict[str, Any]:
+    """``options`` of ``plan`` at ``budget``, turned into a dropping plan's where
+    ``drop_above`` says the plan cuts little (``drops_instead``)."""
+    if drops_instead(drop_above, budget, options["drop"], options["downsample"]):
+        return {**options, **DROP_INSTEAD}
+    return options
+
+
 def plan_options(ds, budget: float | None = None) -> dict[str, Any]:
     """The options of ``plan`` that a ``data_slimming`` config section ``ds`` sets, at
     ``budget`` where ``ds.drop_above`` may turn downsampling into dropping."""
     options = {"schedule": ds.schedule, "drop": ds.drop, "downsample": ds.downsample,
                "weighting": ds.weighting, "keep_floor": ds.keep_floor,
                "scales_per_epoch": ds.scales_per_epoch, "final_full": ds.final_full}
-    if budget is not None and drops_instead(ds.drop_above, budget, ds.drop, ds.downsample):
-        options.update(DROP_INSTEAD)
-    return options
+    return options if budget is None else with_drop_above(options, ds.drop_above, budget)
 
 
 def cli_plan(args) -> int:
