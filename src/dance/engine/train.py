@@ -94,12 +94,13 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         reference = meta_copy(model)  # before a resume replays any slimming
         plan0 = shared_data_plan(cfg, train_ds, out_dir, score_cache, progress, rt)
         long_run = in_long_run_regime(cfg, plan0)
+        keep_state = keeps_optimizer_state(cfg, long_run)
         if rt.is_main and long_run:
             text_log(out_dir, f"data plan at {plan0.budget:.3f} of the data cost (drop_above "
                               f"{cfg.data_slimming.drop_above:g}): dropping the least complex "
                               f"images' steps instead of downscaling"
                               + (", keeping the optimizer state through removals"
-                                 if keeps_optimizer_state(cfg, long_run) else ""))
+                                 if keep_state else ""))
         slimmer = make_slimmer(cfg, model)
         state = TrainState(plan=plan0, hardness=Hardness(len(train_ds)))
         saved = (resume_run(out_dir / "checkpoint", cfg, model, slimmer, state, rt, fingerprint,
@@ -109,7 +110,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         run = start_run(cfg, rt, model, slimmer, train_ds, state, saved, out_dir, progress,
                         fingerprint)
         run.reference = reference
-        run.keep_optimizer_state = keeps_optimizer_state(cfg, long_run)
+        run.keep_optimizer_state = keep_state
 
         run.meter.start()
         t_start = time.perf_counter() - state.wall_seconds
