@@ -86,6 +86,52 @@ def test_the_hook_count_equals_flop_counter_mode_on_every_model(name):
             flops.count_flops_torch(model, shape, backward), (shape, backward)
 
 
+@pytest.mark.parametrize("name", dance.list_models())
+def test_counts_from_layer_sites_equal_a_forward_through_removals_and_copies(name, monkeypatch):
+    """Sites measured once per architecture as built serve the model after branch and channel
+    removals, and a copy measured first serves the fuller model: every count and layer cost
+    equals a meta forward's, to the last bit."""
+    from dance.network.channels import channel_groups, layer_costs, remove_channels
+    flops.clear_cache()
+    model = dance.build_model(name, 5)
+    shapes = ((1, 3, 64, 96), (2, 3, 72, 104))
+
+    def is_meta(m):  # a meta copy has no gate values to read
+        return next(m.parameters()).is_meta
+
+    def site_counts(m):
+        flops._GFLOPS_CACHE.clear()
+        return ([flops._count_by_hooks(m, s, b) for s in shapes for b in (False, True)],
+                [list(layer_costs(m, s).items()) for s in shapes],
+                [(b.name, b.gflops_share) for b in branches(m, shapes[1])]
+                if not is_meta(m) else [])
+
+    def forward_counts(m):  # the counts without sites: hooks on a meta forward
+        with monkeypatch.context() as mp:
+            mp.setattr(flops, "layer_sites", lambda *a: None)
+            import dance.network.channels as ch
+            mp.setattr(ch, "layer_sites", lambda *a: None)
+            return site_counts(m)
+
+    live = [b for b in branches(model, shapes[0])
+            if b.gflops_share > 0
+            and model.get_submodule(b.module_path).may_slim_away([b.branch])]
+    if live:  # a copy without a branch is measured first, the full model after it
+        copy = flops.meta_copy(model)
+        remove_branches(copy, [live[0].name])
+        flops.clear_cache()
+        assert site_counts(copy) == forward_counts(copy)
+    assert site_counts(model) == forward_counts(model)
+    assert flops.layer_sites(model, shapes[0]) is not None
+    if live:
+        remove_branches(model, [live[-1].name])
+    groups = [g for g in channel_groups(model, shapes[0]) if g.channels > 8]
+    for g in groups[:: max(1, len(groups) // 3)]:
+        remove_channels(model, g.layer, list(range(8)))
+    assert site_counts(model) == forward_counts(model)
+    assert site_counts(model)[0][0] == flops.count_flops_torch(model, shapes[0])
+
+
 def test_a_model_the_hooks_miss_is_counted_by_flop_counter_mode():
     class Functional(nn.Module):  # a convolution the layer hooks cannot see
         def __init__(self):

@@ -18,6 +18,13 @@ of a ResNet-50 model takes a fraction of a second. Results are cached per archit
 signature of the module tree (its printed structure, which names every layer's channels,
 kernels, strides and dilations, plus every parameter's name and shape), so removing a branch,
 which changes the tree, gives a fresh count.
+
+A model of dance's registry changes only by removals (branches deleted, channels narrowed), which
+never change where a layer sits or the size of the maps it reads and writes. So for those models
+one meta forward per (architecture as built, input shape) records every layer's sites -- per call,
+the elements per channel it reads and writes -- and every later count, of the model slimmed
+however far or of a copy with a branch removed, is arithmetic on those sites and the layers'
+current channels (`layer_sites`): the same integers as the hooks', without a forward.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import hashlib
 import math
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -133,6 +141,9 @@ def counting_copy(model: nn.Module) -> nn.Module:
 
 
 def _count_by_hooks(model: nn.Module, input_shape: Sequence[int], backward: bool) -> int:
+    sites = layer_sites(model, input_shape)
+    if sites is not None:
+        return _count_from_sites(model, sites, backward)
     net = counting_copy(model)
     total = 0
 
@@ -150,14 +161,151 @@ def _count_by_hooks(model: nn.Module, input_shape: Sequence[int], backward: bool
         if backward:
             total += flops * (int(x.requires_grad) + int(m.weight.requires_grad))
 
-    counted = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, counted)]
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, _COUNTED)]
     try:
         with torch.set_grad_enabled(backward):
             net(torch.zeros(tuple(input_shape), device="meta"))
     finally:
         for h in handles:
             h.remove()
+    return total
+
+
+_COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+_SITED = (*_COUNTED, nn.BatchNorm2d)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of a layer in a forward pass: the elements per channel (N·H·W, or the rows of a
+    linear layer) it reads and writes, whether its input needs a gradient, and the layer's
+    kernel, stride, padding and dilation then (a layer that no longer has them is measured
+    again)."""
+
+    layout: tuple
+    in_per_channel: int
+    out_per_channel: int
+    input_needs_grad: bool
+
+
+@dataclass
+class Sites:
+    """Every call of every convolution, linear layer and BatchNorm of a model at one input
+    shape, by path: ``order`` the paths in the order their first call ended, ``paths`` every
+    such path the measured model had (called or not)."""
+
+    order: list[str] = field(default_factory=list)
+    calls: dict[str, list[Call]] = field(default_factory=dict)
+    paths: set[str] = field(default_factory=set)
+
+    def covers(self, modules: dict[str, nn.Module]) -> bool:
+        return all(path in self.paths and all(c.layout == _layout(m) for c in self.calls.get(path, ()))
+                   for path, m in modules.items() if isinstance(m, _SITED))
+
+
+_SITES: dict[tuple, Sites] = {}
+
+
+def _layout(m: nn.Module) -> tuple:
+    return (type(m).__name__, *(getattr(m, a, None) for a in
+                                ("kernel_size", "stride", "padding", "dilation")))
+
+
+def layer_sites(model: nn.Module, input_shape: Sequence[int]) -> Sites | None:
+    """The sites of ``model``'s layers at ``input_shape`` (module docstring), measured by one
+    meta forward per architecture as built, input shape and set of frozen parameters, then
+    shared by every slimmed state and copy of it; None for a model not of the registry (no
+    ``dance_arch``, or one of the user's own), which is counted by a forward each time."""
+    arch = getattr(model, "dance_arch", None)
+    if arch is None or getattr(arch, "is_custom", True):
+        return None
+    frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
+    key = (arch.name, arch.num_classes, repr(sorted(arch.kwargs.items())),
+           tuple(int(s) for s in input_shape), frozen)
+    modules = dict(model.named_modules())
+    sites = _SITES.get(key)
+    if sites is None or not sites.covers(modules):
+        fresh = _measure_sites(model, input_shape)
+        if sites is not None:  # keep what only the earlier model had (a fuller one's layers)
+            for path in sites.order:
+                if path not in fresh.paths:
+                    fresh.order.append(path)
+                    fresh.calls[path] = sites.calls[path]
+            fresh.paths |= sites.paths
+        sites = _SITES[key] = fresh
+    return sites
+
+
+def _measure_sites(model: nn.Module, input_shape: Sequence[int]) -> Sites:
+    net = meta_copy(model)
+    for m in list(net.modules()):  # activations and dropout keep shapes and need no gradient
+        for child_name, child in list(m.named_children()):
+            if isinstance(child, _FREE) and not isinstance(child, _SITED):
+                setattr(m, child_name, nn.Identity())
+    sites = Sites()
+
+    def hook(m: nn.Module, inputs: tuple, out: torch.Tensor, path: str) -> None:
+        x, dim = inputs[0], (-1 if isinstance(m, nn.Linear) else 1)
+        if path not in sites.calls:
+            sites.order.append(path)
+            sites.calls[path] = []
+        sites.calls[path].append(Call(_layout(m), x.numel() // x.shape[dim],
+                                      out.numel() // out.shape[dim], bool(x.requires_grad)))
+
+    handles = []
+    for path, m in net.named_modules():
+        if isinstance(m, _SITED):
+            sites.paths.add(path)
+            handles.append(m.register_forward_hook(
+                lambda m, i, o, path=path: hook(m, i, o, path)))
+    try:
+        with torch.enable_grad():
+            net(torch.zeros(tuple(input_shape), device="meta"))
+    finally:
+        for h in handles:
+            h.remove()
+    return sites
+
+
+def gflops_with(model: nn.Module, path: str, replacement: nn.Module,
+                input_shape: Sequence[int]) -> float | None:
+    """GFLOPs of ``model``'s forward at ``input_shape`` with its submodule at ``path`` replaced
+    by ``replacement`` (a slimmed copy of it, e.g. a module without a branch), from the layers'
+    sites without building the whole model again; None where ``layer_sites`` has none."""
+    sites = layer_sites(model, input_shape)
+    if sites is None:
+        return None
+    inside = (lambda p: True) if not path else (lambda p: p == path or p.startswith(path + "."))
+    modules = {p: m for p, m in model.named_modules() if not inside(p)}
+    modules.update({".".join(filter(None, (path, p))): m for p, m in replacement.named_modules()})
+    if not sites.covers(modules):
+        return None
+    return _count_from_sites(modules, sites, False) / 1e9
+
+
+def _count_from_sites(modules: nn.Module | dict[str, nn.Module], sites: Sites,
+                      backward: bool) -> int:
+    """`_count_by_hooks`' count, from the sites and the layers' current channels (of a model,
+    or of its modules by path)."""
+    total = 0
+    if isinstance(modules, nn.Module):
+        modules = dict(modules.named_modules())
+    for path in sites.order:
+        m = modules.get(path)
+        if not isinstance(m, _COUNTED):
+            continue
+        for c in sites.calls[path]:
+            if isinstance(m, nn.ConvTranspose2d):
+                flops = (2 * c.in_per_channel * m.in_channels * (m.out_channels // m.groups)
+                         * math.prod(m.kernel_size))
+            elif isinstance(m, nn.Conv2d):
+                flops = (2 * c.out_per_channel * m.out_channels * (m.in_channels // m.groups)
+                         * math.prod(m.kernel_size))
+            else:
+                flops = 2 * c.out_per_channel * m.out_features * m.in_features
+            total += flops
+            if backward:
+                total += flops * (int(c.input_needs_grad) + int(m.weight.requires_grad))
     return total
 
 
@@ -189,8 +337,10 @@ def count_gflops(model: nn.Module, input_shape: Sequence[int] = (1, 3, 512, 1024
 
 
 def clear_cache() -> None:
-    """Forget every count (they are keyed by architecture, so this is only to free memory)."""
+    """Forget every count and layer site (they are keyed by architecture, so this is only to
+    free memory)."""
     _GFLOPS_CACHE.clear()
+    _SITES.clear()
 
 
 def closest_argument(cost, target: float, lo: float, hi: float, steps: int = 12) -> float:

@@ -204,7 +204,7 @@ def branches(model: nn.Module, input_shape: Sequence[int] = (1, 3, 512, 1024)
     """Every branch of every multi-scale module, with its gate and its share of the model's FLOPs
     at ``input_shape``: what removing that branch alone would save (counted on meta copies,
     cached). A module's last live branch cannot be removed, so its share is 0."""
-    from dance.network.flops import count_gflops, meta_copy
+    from dance.network.flops import count_gflops, gflops_with, meta_copy
 
     total = count_gflops(model, input_shape)
     infos = []
@@ -213,9 +213,14 @@ def branches(model: nn.Module, input_shape: Sequence[int] = (1, 3, 512, 1024)
         for name in live:
             saved = 0.0
             if len(live) > 1:
-                slimmer = meta_copy(model)
-                slimmer.get_submodule(path).remove_branches([name])
-                saved = total - count_gflops(slimmer, input_shape)
+                without = meta_copy(module)  # the module alone, counted in the model's place
+                without.remove_branches([name])
+                after = gflops_with(model, path, without, input_shape)
+                if after is None:  # a model without layer sites: a copy of all of it
+                    slimmer = meta_copy(model)
+                    slimmer.get_submodule(path).remove_branches([name])
+                    after = count_gflops(slimmer, input_shape)
+                saved = total - after
             infos.append(BranchInfo(_full_name(path, name), float(module.gates[name].detach()),
                                     saved / total if total else 0.0, path, name))
     return infos
