@@ -237,27 +237,23 @@ def layer_sites(model: nn.Module, input_shape: Sequence[int]) -> Sites | None:
 
 
 def _measure_sites(model: nn.Module, input_shape: Sequence[int]) -> Sites:
-    net = meta_copy(model)
-    for m in list(net.modules()):  # activations and dropout keep shapes and need no gradient
-        for child_name, child in list(m.named_children()):
-            if isinstance(child, _FREE) and not isinstance(child, _SITED):
-                setattr(m, child_name, nn.Identity())
-    sites = Sites()
+    """One forward of a counting copy (`counting_copy`: the free layers, BatchNorms included,
+    are identities there, so inputs need a gradient exactly where the hooks' count says), with
+    the BatchNorms' sites taken at the identities in their place."""
+    layouts = {p: _layout(m) for p, m in model.named_modules() if isinstance(m, _SITED)}
+    net = counting_copy(model)
+    sites = Sites(paths=set(layouts))
 
     def hook(m: nn.Module, inputs: tuple, out: torch.Tensor, path: str) -> None:
         x, dim = inputs[0], (-1 if isinstance(m, nn.Linear) else 1)
         if path not in sites.calls:
             sites.order.append(path)
             sites.calls[path] = []
-        sites.calls[path].append(Call(_layout(m), x.numel() // x.shape[dim],
+        sites.calls[path].append(Call(layouts[path], x.numel() // x.shape[dim],
                                       out.numel() // out.shape[dim], bool(x.requires_grad)))
 
-    handles = []
-    for path, m in net.named_modules():
-        if isinstance(m, _SITED):
-            sites.paths.add(path)
-            handles.append(m.register_forward_hook(
-                lambda m, i, o, path=path: hook(m, i, o, path)))
+    handles = [m.register_forward_hook(lambda m, i, o, path=path: hook(m, i, o, path))
+               for path, m in net.named_modules() if path in layouts]
     try:
         with torch.enable_grad():
             net(torch.zeros(tuple(input_shape), device="meta"))
