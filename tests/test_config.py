@@ -187,3 +187,16 @@ def test_the_ready_configs_ship_in_the_package_and_are_found_by_name(tmp_path, c
     assert "cityscapes_pspnet_r50" in capsys.readouterr().out
     assert main(["configs", "synth"]) == 0
     assert "base: [base/dance.yaml]" in capsys.readouterr().out
+
+
+def test_an_auto_network_budget_follows_the_training_budget_below_a_half():
+    from dance.engine.run_folder import run_fingerprint
+    for budget, expected in ((0.3, 0.3), (0.5, 0.5), (0.8, 0.5)):
+        cfg = load_config("demo", [f"data_slimming.budget={budget}"])
+        assert cfg.network_slimming.network_budget == expected
+    # the recipes say auto; at budget 0.5 their runs are the runs of an explicit 0.5
+    auto = load_config("demo", [])
+    explicit = load_config("demo", ["network_slimming.network_budget=0.5"])
+    assert run_fingerprint(auto.to_dict(), {}) == run_fingerprint(explicit.to_dict(), {})
+    with pytest.raises(DanceError, match="network_budget.*auto"):
+        load_config("demo", ["network_slimming.network_budget=1.5"])

@@ -22,7 +22,7 @@ DEMO_CONFIG = {
               "device": "cpu", "workers": 1, "scale_range": [0.75, 1.25], "optimizer": "adamw",
               "weight_decay": 0.01, "lr_schedule": "linear", "warmup_fraction": 0.05},
     "data_slimming": {"enabled": True, "indicator": "si", "budget": 0.5},
-    "network_slimming": {"enabled": True, "network_budget": 0.5},
+    "network_slimming": {"enabled": True, "network_budget": "auto"},
 }
 # How far from converged the demo's plain run is, measured once (seed 0) with
 # `dance compare --saturation` on this recipe and recorded in BENCHMARKS.md.
