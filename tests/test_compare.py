@@ -268,3 +268,12 @@ def test_bench_models_times_every_deployed_model_of_a_compare(compared, capsys, 
     assert all(row["latency_ms"] > 0 for row in ort_rows)
     assert main(["bench", "models", "--compare", str(out / "nope")]) == 1
     assert "report.json: not found" in capsys.readouterr().err
+
+
+def test_runs_start_longest_first_and_dance_before_the_runs_at_its_budget():
+    from dance.engine.config import load_config
+    from dance.report.compare import RunJob, _expected_cost
+    cfg = load_config("demo", [])
+    cost = {k: _expected_cost(RunJob(run_config(cfg, k, 0), Path(k), k))
+            for k in ("baseline", "short", "uniform", "dance")}
+    assert cost["baseline"] > cost["dance"] > cost["uniform"] == cost["short"]

@@ -246,9 +246,13 @@ def train_all(run_jobs: list[RunJob], score_cache: Path, data_fp: dict, progress
 
 
 def _expected_cost(job: RunJob) -> float:
-    """Roughly how long a run takes, relative to others of the same recipe."""
+    """Roughly how long a run takes, relative to others of the same recipe: its epochs times
+    the share of the data it trains, which for a joint budget is the data plan's (DANCE trains
+    more pixels than ``budget`` on a network that slims: on a CPU, where a step's time falls
+    far slower than its FLOPs, it is the slowest of the runs at the budget)."""
+    from dance.engine.train import data_budget
     t, ds = job.cfg.train, job.cfg.data_slimming
-    return t.epochs * t.steps_fraction * (ds.budget if ds.enabled else 1.0)
+    return t.epochs * t.steps_fraction * (data_budget(job.cfg) if ds.enabled else 1.0)
 
 
 def _score_once(cfgs: list[RunConfig], score_cache: Path, progress: bool) -> None:
