@@ -34,7 +34,7 @@ import torch_pruning as tp
 from torch import nn
 
 from dance.errors import DanceError
-from dance.network.flops import architecture_signature, layer_sites, meta_copy
+from dance.network.flops import architecture_signature, sites_of
 
 ROUND_TO = 8
 # The dependency graph does not depend on the input size; trace on a small one (every model's
@@ -181,44 +181,17 @@ def layer_costs(model: nn.Module, input_shape: Sequence[int]
     """Per convolution and BatchNorm of ``model`` at ``input_shape``, by path: its inference
     GFLOPs (multiply-add = 2, like dance's FLOPs counter; 0 for a BatchNorm), and the million
     activation elements it writes per output channel and reads per input channel (``N·H·W``);
-    from the layers' sites (``layer_sites``) or, for a model of the user's own, on a meta copy."""
+    from the layers' sites (``sites_of``)."""
     out: dict[str, tuple[float, float, float]] = {}
-    sites = layer_sites(model, input_shape)
-    if sites is not None:
-        modules = dict(model.named_modules())
-        for name in sites.order:
-            m = modules.get(name)
-            if not isinstance(m, _COSTED):
-                continue
-            for c in sites.calls[name]:
-                flops = 0.0
-                if isinstance(m, nn.Conv2d):
-                    k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
-                    flops = 2.0 * (c.out_per_channel * m.out_channels) * k / 1e9
-                prev = out.get(name, (0.0, 0.0, 0.0))
-                out[name] = (prev[0] + flops, prev[1] + c.out_per_channel / 1e6,
-                             prev[2] + c.in_per_channel / 1e6)
-        return out
-    net = meta_copy(model).eval()
-    handles = []
-    for name, m in net.named_modules():
-        if isinstance(m, _COSTED):
-            def hook(mod, inp, y, name=name):
-                flops = 0.0
-                if isinstance(mod, nn.Conv2d):
-                    k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-                    flops = 2.0 * y.numel() * k / 1e9
-                x = inp[0]
-                prev = out.get(name, (0.0, 0.0, 0.0))
-                out[name] = (prev[0] + flops, prev[1] + y.numel() / y.shape[1] / 1e6,
-                             prev[2] + x.numel() / x.shape[1] / 1e6)
-            handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            net(torch.zeros(tuple(input_shape), device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
+    modules = dict(model.named_modules())
+    for name, m, c in sites_of(model, input_shape).each(modules, _COSTED):
+        flops = 0.0
+        if isinstance(m, nn.Conv2d):
+            k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+            flops = 2.0 * (c.out_per_channel * m.out_channels) * k / 1e9
+        prev = out.get(name, (0.0, 0.0, 0.0))
+        out[name] = (prev[0] + flops, prev[1] + c.out_per_channel / 1e6,
+                     prev[2] + c.in_per_channel / 1e6)
     return out
 
 

@@ -32,7 +32,7 @@ import copy
 import hashlib
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -141,34 +141,7 @@ def counting_copy(model: nn.Module) -> nn.Module:
 
 
 def _count_by_hooks(model: nn.Module, input_shape: Sequence[int], backward: bool) -> int:
-    sites = layer_sites(model, input_shape)
-    if sites is not None:
-        return _count_from_sites(model, sites, backward)
-    net = counting_copy(model)
-    total = 0
-
-    def hook(m: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
-        nonlocal total
-        x = inputs[0]
-        k = math.prod(m.kernel_size) if not isinstance(m, nn.Linear) else 1
-        if isinstance(m, nn.ConvTranspose2d):
-            flops = 2 * x.numel() * (m.out_channels // m.groups) * k
-        elif isinstance(m, nn.Conv2d):
-            flops = 2 * out.numel() * (m.in_channels // m.groups) * k
-        else:
-            flops = 2 * out.numel() * m.in_features
-        total += flops
-        if backward:
-            total += flops * (int(x.requires_grad) + int(m.weight.requires_grad))
-
-    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, _COUNTED)]
-    try:
-        with torch.set_grad_enabled(backward):
-            net(torch.zeros(tuple(input_shape), device="meta"))
-    finally:
-        for h in handles:
-            h.remove()
-    return total
+    return _count_from_sites(model, sites_of(model, input_shape), backward)
 
 
 _COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
@@ -197,6 +170,14 @@ class Sites:
     order: list[str] = field(default_factory=list)
     calls: dict[str, list[Call]] = field(default_factory=dict)
     paths: set[str] = field(default_factory=set)
+
+    def each(self, modules: dict[str, nn.Module], types: tuple) -> Iterator[tuple[str, nn.Module, Call]]:
+        """Every call of a layer of ``modules`` (by path) of one of ``types``, in order."""
+        for path in self.order:
+            m = modules.get(path)
+            if isinstance(m, types):
+                for c in self.calls[path]:
+                    yield path, m, c
 
     def covers(self, modules: dict[str, nn.Module]) -> bool:
         return all(path in self.paths and all(c.layout == _layout(m) for c in self.calls.get(path, ()))
@@ -234,6 +215,11 @@ def layer_sites(model: nn.Module, input_shape: Sequence[int]) -> Sites | None:
             fresh.paths |= sites.paths
         sites = _SITES[key] = fresh
     return sites
+
+
+def sites_of(model: nn.Module, input_shape: Sequence[int]) -> Sites:
+    """``layer_sites``, or for a model not of the registry its sites measured now (uncached)."""
+    return layer_sites(model, input_shape) or _measure_sites(model, input_shape)
 
 
 def _measure_sites(model: nn.Module, input_shape: Sequence[int]) -> Sites:
@@ -286,22 +272,18 @@ def _count_from_sites(modules: nn.Module | dict[str, nn.Module], sites: Sites,
     total = 0
     if isinstance(modules, nn.Module):
         modules = dict(modules.named_modules())
-    for path in sites.order:
-        m = modules.get(path)
-        if not isinstance(m, _COUNTED):
-            continue
-        for c in sites.calls[path]:
-            if isinstance(m, nn.ConvTranspose2d):
-                flops = (2 * c.in_per_channel * m.in_channels * (m.out_channels // m.groups)
-                         * math.prod(m.kernel_size))
-            elif isinstance(m, nn.Conv2d):
-                flops = (2 * c.out_per_channel * m.out_channels * (m.in_channels // m.groups)
-                         * math.prod(m.kernel_size))
-            else:
-                flops = 2 * c.out_per_channel * m.out_features * m.in_features
-            total += flops
-            if backward:
-                total += flops * (int(c.input_needs_grad) + int(m.weight.requires_grad))
+    for _, m, c in sites.each(modules, _COUNTED):
+        if isinstance(m, nn.ConvTranspose2d):
+            flops = (2 * c.in_per_channel * m.in_channels * (m.out_channels // m.groups)
+                     * math.prod(m.kernel_size))
+        elif isinstance(m, nn.Conv2d):
+            flops = (2 * c.out_per_channel * m.out_channels * (m.in_channels // m.groups)
+                     * math.prod(m.kernel_size))
+        else:
+            flops = 2 * c.out_per_channel * m.out_features * m.in_features
+        total += flops
+        if backward:
+            total += flops * (int(c.input_needs_grad) + int(m.weight.requires_grad))
     return total
 
 
