@@ -250,19 +250,25 @@ def _measure_sites(model: nn.Module, input_shape: Sequence[int]) -> Sites:
 
 
 def gflops_with(model: nn.Module, path: str, replacement: nn.Module,
-                input_shape: Sequence[int]) -> float | None:
+                input_shape: Sequence[int]) -> float:
     """GFLOPs of ``model``'s forward at ``input_shape`` with its submodule at ``path`` replaced
-    by ``replacement`` (a slimmed copy of it, e.g. a module without a branch), from the layers'
-    sites without building the whole model again; None where ``layer_sites`` has none."""
+    by ``replacement`` (a slimmed meta copy of it, e.g. a module without a branch): from the
+    layers' sites without copying the whole model, or, for a model without cached sites
+    (``layer_sites``), counted on a meta copy of it with the replacement in place."""
     sites = layer_sites(model, input_shape)
-    if sites is None:
-        return None
-    inside = (lambda p: True) if not path else (lambda p: p == path or p.startswith(path + "."))
-    modules = {p: m for p, m in model.named_modules() if not inside(p)}
-    modules.update({".".join(filter(None, (path, p))): m for p, m in replacement.named_modules()})
-    if not sites.covers(modules):
-        return None
-    return _count_from_sites(modules, sites, False) / 1e9
+    if sites is not None:
+        inside = (lambda p: True) if not path else (lambda p: p == path or p.startswith(path + "."))
+        modules = {p: m for p, m in model.named_modules() if not inside(p)}
+        modules.update({".".join(filter(None, (path, p))): m
+                        for p, m in replacement.named_modules()})
+        if sites.covers(modules):
+            return _count_from_sites(modules, sites, False) / 1e9
+    if not path:
+        return count_gflops(replacement, input_shape)
+    net = meta_copy(model)
+    parent, _, name = path.rpartition(".")
+    setattr(net.get_submodule(parent), name, replacement)
+    return count_gflops(net, input_shape)
 
 
 def _count_from_sites(modules: nn.Module | dict[str, nn.Module], sites: Sites,

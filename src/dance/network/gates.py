@@ -215,12 +215,7 @@ def branches(model: nn.Module, input_shape: Sequence[int] = (1, 3, 512, 1024)
             if len(live) > 1:
                 without = meta_copy(module)  # the module alone, counted in the model's place
                 without.remove_branches([name])
-                after = gflops_with(model, path, without, input_shape)
-                if after is None:  # a model without layer sites: a copy of all of it
-                    slimmer = meta_copy(model)
-                    slimmer.get_submodule(path).remove_branches([name])
-                    after = count_gflops(slimmer, input_shape)
-                saved = total - after
+                saved = total - gflops_with(model, path, without, input_shape)
             infos.append(BranchInfo(_full_name(path, name), float(module.gates[name].detach()),
                                     saved / total if total else 0.0, path, name))
     return infos
