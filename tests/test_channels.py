@@ -91,6 +91,27 @@ def test_removing_channel_groups_equals_masking_them(name):
                                           for layer, idx, _ in cuts]
 
 
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_hidden_layer_as_wide_as_the_classes_is_still_slimmable(name):
+    # the logits' convolutions are found by where their output goes, not by their width: with as
+    # many classes as a hidden layer has channels, the same groups stay removable
+    hidden = 16 if name in ("deeplabv3plus_mbv2", "pspnet_r18", "hrnet_w18_small",
+                            "bisenet_v1_r18") else 40
+    wide = dance.build_model(name, 5, **FAMILIES[name])
+    widths = {m.out_channels for m in wide.modules() if isinstance(m, nn.Conv2d)}
+    assert hidden in widths
+    same = dance.build_model(name, hidden, **FAMILIES[name])
+
+    def outputs(model):
+        names = {m: n for n, m in model.named_modules()}
+        return [names[m] for m in dance.network.channels.output_layers(model)]
+
+    assert outputs(same) == outputs(wide)
+    assert all(same.get_submodule(n).out_channels == hidden for n in outputs(same))
+    assert ([g.layer for g in channel_groups(same, SHAPE)]
+            == [g.layer for g in channel_groups(wide, SHAPE)])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_removing_each_channel_group_alone_equals_masking_it(name):

@@ -102,6 +102,7 @@ class _Graph:
         finally:
             model.train(was_training)
         self.names = {m: n for n, m in model.named_modules()}
+        self.outputs = output_layers(model)  # modules stay the same through channel removals
         self.refresh()
 
     def refresh(self) -> None:
@@ -110,7 +111,7 @@ class _Graph:
         trace; the signature check sees to that)."""
         self.signature = architecture_signature(self.model)
         self.groups: dict[str, tp.Group] = {}
-        for group in self.dg.get_all_groups(ignored_layers=output_layers(self.model),
+        for group in self.dg.get_all_groups(ignored_layers=self.outputs,
                                             root_module_types=[nn.Conv2d]):
             if any(isinstance(dep.target.module, nn.GroupNorm) for dep, _ in group):
                 continue  # its width must stay a multiple of the norm's groups: left whole
@@ -166,14 +167,58 @@ def _graph(model: nn.Module) -> _Graph:
 
 
 def output_layers(model: nn.Module) -> list[nn.Module]:
-    """The convolutions that produce logits: their output channels are the classes."""
+    """The convolutions that produce the logits: those whose outputs reach the model's output
+    through no other convolution (the classifiers, both of LR-ASPP's, an auxiliary head's). Found
+    by one forward pass at a small size, walking the autograd graph back from the output; not by
+    channel count, which a hidden layer may share with the classes."""
     arch = getattr(model, "dance_arch", None)
     if arch is None:
         raise DanceError(f"{type(model).__name__}: channel slimming needs to know which layers "
                          "give the logits: build the model with dance.build_model, or prepare "
                          "yours with dance.slimmable(model, num_classes)")
-    return [m for m in model.modules()
-            if isinstance(m, nn.Conv2d) and m.out_channels == arch.num_classes]
+    made: dict = {}  # autograd node of a convolution's output -> the convolution
+
+    def record(module: nn.Module, _, out) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            made[out.grad_fn] = module
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    first = next(model.parameters())
+    was_training = model.training
+    model.eval()  # BatchNorm statistics must not move
+    try:
+        with torch.enable_grad():
+            x = torch.zeros(_TRACE_SHAPE, device=first.device, dtype=first.dtype,
+                            requires_grad=True)
+            out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    stack = [t.grad_fn for t in _tensors(out)]
+    seen, found = set(), []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in made:
+            if made[node] not in found:
+                found.append(made[node])
+            continue
+        stack.extend(f for f, _ in node.next_functions)
+    if not found:
+        raise DanceError(f"{type(model).__name__}: no convolution produces its output; channel "
+                         "slimming needs the logits to come from a Conv2d")
+    return found
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model's output: a tensor, or a dict, list or tuple of them."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    values = out.values() if isinstance(out, dict) else out if isinstance(out, (list, tuple)) else []
+    return [t for v in values for t in _tensors(v)]
 
 
 def layer_costs(model: nn.Module, input_shape: Sequence[int]
