@@ -89,6 +89,10 @@ def test_removing_channel_groups_equals_masking_them(name):
     assert n_params(removed) < n_params(model)
     assert removed.dance_arch.removed == [{"layer": layer, "channels": idx}
                                           for layer, idx, _ in cuts]
+    # the groups re-read after the removals are those a new trace of the slimmed model finds
+    fresh = copy.deepcopy(removed)
+    assert ([(g.layer, g.channels, g.layers) for g in channel_groups(removed, SHAPE)]
+            == [(g.layer, g.channels, g.layers) for g in channel_groups(fresh, SHAPE)])
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

@@ -103,20 +103,33 @@ class _Graph:
             model.train(was_training)
         self.names = {m: n for n, m in model.named_modules()}
         self.outputs = output_layers(model)  # modules stay the same through channel removals
+        # the groups' roots, which channel removals never change (a removal keeps every layer)
+        self.roots: frozenset[str] | None = None
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read the groups after a removal made through this graph: Torch-Pruning keeps its
-        graph valid across its own surgery (a branch removal, which swaps modules, needs a new
-        trace; the signature check sees to that)."""
+        """Mark the groups stale after a removal made through this graph: Torch-Pruning keeps
+        its graph valid across its own surgery (a branch removal, which swaps modules, needs a
+        new trace; the signature check sees to that). They are re-read when next asked for, so a
+        run of removals (a checkpoint's record replayed, a pruning point's chunks) re-reads them
+        once."""
         self.signature = architecture_signature(self.model)
-        self.groups: dict[str, tp.Group] = {}
-        for group in self.dg.get_all_groups(ignored_layers=self.outputs,
-                                            root_module_types=[nn.Conv2d]):
-            if any(isinstance(dep.target.module, nn.GroupNorm) for dep, _ in group):
-                continue  # its width must stay a multiple of the norm's groups: left whole
-            root = group[0].dep.target.module
-            self.groups[self.names[root]] = group
+        self._groups: dict[str, tp.Group] | None = None
+
+    @property
+    def groups(self) -> dict[str, tp.Group]:
+        """The removable groups as the model is now, by root layer."""
+        if self._groups is None:
+            self._groups = {}
+            for group in self.dg.get_all_groups(ignored_layers=self.outputs,
+                                                root_module_types=[nn.Conv2d]):
+                if any(isinstance(dep.target.module, nn.GroupNorm) for dep, _ in group):
+                    continue  # its width must stay a multiple of the norm's groups: left whole
+                root = group[0].dep.target.module
+                self._groups[self.names[root]] = group
+            if self.roots is None:
+                self.roots = frozenset(self._groups)
+        return self._groups
 
     def out_items(self, group: tp.Group) -> list[tuple[str, nn.Module]]:
         """The layers whose output channels ``group`` removes, with their paths."""
@@ -144,7 +157,8 @@ class _Graph:
     def group(self, layer: str, channels: Sequence[int]) -> tp.Group:
         """The pruning group of ``layer``'s output ``channels``; a DanceError when ``layer`` is not
         the root of a removable group or an index is out of range."""
-        if layer not in self.groups:
+        roots = self.roots if self.roots is not None else frozenset(self.groups)
+        if layer not in roots:
             raise DanceError(f"{layer!r} is not the root convolution of a removable channel group; "
                              f"the model has {', '.join(self.groups) or 'none'}")
         module = self.model.get_submodule(layer)
