@@ -107,6 +107,37 @@ def test_onnx_export_of_slimmed_run_matches_load_model(runs, tmp_path):
     assert shape == ["batch", 19, "height", "width"] and sess.get_inputs()[0].shape[2] == "height"
 
 
+def test_channels_last_on_the_cpu_holds_through_a_removal(config, synth, tmp_path, capsys,
+                                                          monkeypatch):
+    """train.channels_last=always puts the model and its inputs in channels-last layout on the
+    CPU too, and keeps the layers a channel removal rebuilds in it; the saved run evaluates to
+    its own mIoU. The default (true: on CUDA) leaves a CPU run in the usual layout."""
+    import dance.engine.train as engine
+    seen = []
+    step = engine.optimizer_step
+
+    def spy(run, batch, weights, mean_scale):
+        convs = [m.weight for m in run.model.modules() if isinstance(m, torch.nn.Conv2d)
+                 and m.weight.shape[1] > 1 and m.weight[0, 0].numel() > 1]
+        # (a 1x1 or depthwise weight is in both layouts at once)
+        seen.append((len(run.model.dance_arch.removed), all(
+            w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+            for w in convs)))
+        return step(run, batch, weights, mean_scale)
+    monkeypatch.setattr(engine, "optimizer_step", spy)
+    m = run_train(config, tmp_path / "cl", "train.channels_last=always")
+    assert m["removed_channels"] > 0
+    assert {layout for _, layout in seen} == {True}
+    assert len({removed for removed, _ in seen}) > 1  # steps before and after the removal
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "cl"), "--dataset", "synth",
+                 "--root", str(synth), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(m["miou"], abs=1e-6)
+    seen.clear()
+    run_train(config, tmp_path / "default", "network_slimming.enabled=false", "train.epochs=1")
+    assert seen and {layout for _, layout in seen} == {False}
+
+
 @pytest.mark.slow  # CI: tests/test_faults.py kills and resumes a smaller run at chosen points
 def test_resume_after_kill_gives_the_same_metrics(runs, config, tmp_path):
     _, _, uninterrupted = runs

@@ -112,10 +112,13 @@ class TrainConfig(_Strict):
     # size, mtime and ctime (never stale); at most decode_cache_gb, then nothing new is stored
     decode_cache: str | None = None
     decode_cache_gb: float = Field(20.0, gt=0, le=1_000_000)
-    # CUDA only: channels-last memory layout for the model and its inputs (faster convolutions
-    # with bf16 on tensor cores), and one forward/backward per input shape before training, so
-    # cuDNN's algorithm search (cudnn.benchmark) is not charged to the first steps of each scale
-    channels_last: bool = True
+    # channels-last memory layout for the model and its inputs: true on CUDA (faster
+    # convolutions with bf16 on tensor cores); "always" on the CPU too, where oneDNN is faster
+    # in it for some models and slower for others (BENCHMARKS.md: the demo's model 7-8% faster,
+    # HRNet about 20%, the ResNet PSPNets up to 17% slower), so it is opt-in there; false nowhere
+    channels_last: bool | Literal["always"] = True
+    # CUDA only: one forward/backward per input shape before training, so cuDNN's algorithm
+    # search (cudnn.benchmark) is not charged to the first steps of each scale
     warmup_shapes: bool = True
     # synchronise the device at every phase boundary, so phase_seconds split a CUDA step into
     # data, forward, backward, optimizer and accounting exactly (costs a little speed); the CPU

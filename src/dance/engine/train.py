@@ -339,7 +339,10 @@ def optimizer_step(run: Run, batch: dict, weights: torch.Tensor, mean_scale: flo
 
 
 def channels_last(cfg: RunConfig, rt: Runtime) -> bool:
-    return cfg.train.channels_last and rt.device.type == "cuda"
+    """Whether the model and its inputs are in channels-last layout (``train.channels_last``:
+    true on CUDA, ``always`` on every device)."""
+    setting = cfg.train.channels_last
+    return setting == "always" or (setting is True and rt.device.type == "cuda")
 
 
 def to_layout(model: nn.Module, cfg: RunConfig, rt: Runtime) -> None:
