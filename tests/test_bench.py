@@ -349,3 +349,19 @@ def test_benchmark_data_lives_in_this_users_private_cache_not_in_tmp(tmp_path, m
                 continue
         with pytest.raises(DanceError, match="pass --data FOLDER"):
             common.synth_root(None, 8, 2, (32, 64))
+
+
+def test_layout_script_times_both_layouts_of_each_model(capsys):
+    """benchmarks/layout.py prints one row per model and size: both layouts' step times and
+    their ratio; a bad size or model is a one-line usage error."""
+    mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "layout.py"))
+    assert mod["main"](["--models", "lraspp_mobilenet_v3_large", "--sizes", "32x64",
+                        "--batch", "1", "--steps", "1", "--repeats", "1"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    usual, last, ratio = (float(v) for v in rows["lraspp_mobilenet_v3_large"][0].split(","))
+    assert usual > 0 and last > 0 and ratio == pytest.approx(last / usual, abs=1e-3)
+    for bad in (["--sizes", "64by128"], ["--models", "unet"]):
+        with pytest.raises(SystemExit):
+            mod["main"](bad)
+        err = capsys.readouterr().err
+        assert "64by128" in err or "unet" in err
