@@ -248,6 +248,9 @@ def test_bench_models_times_every_deployed_model_of_a_compare(compared, capsys, 
     assert rows["lowres"]["params_m"] == rows["baseline"]["params_m"]
     assert rows["lowres"]["input"][0] < rows["baseline"]["input"][0]
     assert all(row["latency_ms"] > 0 for row in rows.values())
+    assert r["setup"]["seed"] == report["config"]["train"]["seed"]  # whose models were timed
+    assert main(["bench", "models", "--compare", str(out), "--runs", "0"]) == 0
+    assert f"(seed {r['setup']['seed']} of each run: its first)" in capsys.readouterr().out
     # a compare run as `--out cmp` names its runs cmp/runs/...: copied to another name and
     # opened from another directory, they are found under the folder's own runs/
     copy = tmp_path / "moved"

@@ -215,7 +215,8 @@ def bench_deployed(compare_dir: str, size: tuple[int, int] | None = None, device
                          for k in ("params_m", "gflops", "latency_ms")}
     return {"bench": "deployed", "machine": finish_machine(machine),
             "setup": {"compare": str(compare_dir), "runs": runs, "threads": threads,
-                      "runtime": runtime}, "rows": rows}
+                      "runtime": runtime, "seed": report["config"]["train"]["seed"]},
+            "rows": rows}
 
 
 def format_deployed(r: dict) -> str:
@@ -228,7 +229,7 @@ def format_deployed(r: dict) -> str:
         [(row["run"], "x".join(map(str, row["input"])), cell(row, "params_m", ".3f"),
           cell(row, "gflops", ".3f"), cell(row, "latency_ms", ".2f")) for row in r["rows"]])
     s = r["setup"]
-    return (f"Deployed models of {s['compare']} (seed 0 of each run), batch 1, "
+    return (f"Deployed models of {s['compare']} (seed {s['seed']} of each run: its first), batch 1, "
             f"{s['runs']} timed runs each (median, runs alternating), {s['threads']} CPU threads, "
             f"{_runtime_words(s)}; ratios to the baseline.\n{machine_line(r['machine'])}\n\n"
             f"{table}")
