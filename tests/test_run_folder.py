@@ -93,7 +93,9 @@ def test_compare_with_a_changed_config_retrains_and_says_so(config, tmp_path, ca
     first = json.loads((out / "report.json").read_text())
     assert first["run_status"] == {"baseline": ["trained"], "uniform": ["trained"]}
     uniform_before = json.loads((out / "runs" / "uniform" / "metrics.json").read_text())
-    capsys.readouterr()
+    err = capsys.readouterr().err  # said as each run starts
+    assert f"baseline (seed 0): training -> {out / 'runs' / 'baseline'}" in err
+    assert "trained ->" not in err
     assert main(args("data_slimming.budget=0.7")) == 0
     err = capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
