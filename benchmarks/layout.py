@@ -43,38 +43,27 @@ def step_ms(name: str, channels_last: bool, size: tuple[int, int], batch: int, s
     return (time.perf_counter() - t) / steps * 1e3
 
 
-def size_arg(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not HxW, e.g. 64x128") from None
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError(f"size {text!r}: each side must be at least 32")
-    return h, w
-
-
 def main(argv: list[str]) -> int:
     import torch
 
+    from dance.cli import _int_at_least, _size
     from dance.network.registry import list_models
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(list_models()))
     p.add_argument("--sizes", default="64x128,128x256")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
+    for flag, default in (("--batch", 4), ("--threads", 1), ("--steps", 4), ("--repeats", 2)):
+        p.add_argument(flag, type=_int_at_least(1), default=default)
     args = p.parse_args(argv)
     models = args.models.split(",")
     unknown = sorted(set(models) - set(list_models()))
     if unknown:
         p.error(f"unknown model(s) {', '.join(unknown)}; registered: {', '.join(list_models())}")
     try:
-        sizes = [size_arg(s) for s in args.sizes.split(",")]
+        sizes = [_size(s) for s in args.sizes.split(",")]
     except argparse.ArgumentTypeError as e:
-        p.error(str(e))
-    if min(args.batch, args.threads, args.steps, args.repeats) < 1:
-        p.error("--batch, --threads, --steps and --repeats must be at least 1")
+        p.error(f"--sizes: {e}")
+    if min(min(size) for size in sizes) < 32:
+        p.error(f"--sizes {args.sizes}: each side must be at least 32")
     torch.set_num_threads(args.threads)
     head = " | ".join(f"{h}x{w}: usual ms, channels-last ms, ratio" for h, w in sizes)
     print(f"CPU, {args.threads} thread(s), batch {args.batch}, best of {args.repeats}x"

@@ -289,7 +289,7 @@ def reuse_or_train(cfg: RunConfig, folder: Path, score_cache: Path, progress: bo
                   f"in {previous})", file=sys.stderr)
             return train(cfg, folder, progress=progress, score_cache=score_cache), \
                 f"retrained ({why})"
-    doing = "resuming" if what == "resumed" else "training"  # ``what`` is the status after
+    doing = "resuming" if what == "resumed" else "training"  # ``what``: the status once done
     print(f"[compare] {label}: {doing} -> {folder}", file=sys.stderr)
     return train(cfg, folder, resume=what == "resumed", progress=progress,
                  score_cache=score_cache), what
