@@ -125,6 +125,10 @@ def test_run_kinds_and_bad_input():
     cfg = run_config(RunConfig(), "thin", seed=0, thin={"aspp_channels": 31})
     assert cfg.model.options == {"aspp_channels": 31}
     assert not cfg.data_slimming.enabled and not cfg.network_slimming.enabled
+    stretched = RunConfig.model_validate({"data_slimming": {"stretch": 1.5}})
+    assert run_config(stretched, "dance", seed=0).data_slimming.stretch == 1.5
+    for kind in ("uniform", "progressive", "shuffled", "data"):  # the recipe's epochs
+        assert run_config(stretched, kind, seed=0).data_slimming.stretch == 1.0
     with pytest.raises(DanceError, match="network_budget, which is not set"):
         thin_model(RunConfig())
     with pytest.raises(DanceError, match="has no head-width options"):

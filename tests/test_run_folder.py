@@ -243,6 +243,13 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
                                                "scales_per_epoch": 2}}).to_dict()
     assert result_config(prog)["data_slimming"] == {"enabled": True, "policy": "progressive",
                                                     "budget": 0.5, "final_full": 0.2}
+    # as many epochs as the plain run is no key (runs made before stretch existed still match);
+    # a stretch counts, for the controls too
+    assert "stretch" not in result_config(config_from_dict({}).to_dict())["data_slimming"]
+    for policy in ("dance", "uniform", "progressive"):
+        stretch = result_config(config_from_dict({"data_slimming": {
+            "policy": policy, "stretch": 1.5}}).to_dict())["data_slimming"]
+        assert stretch["stretch"] == 1.5
     # a decode cache off is no key at all (runs made before it existed still match); on, its
     # folder does not matter, its size does (it decides which images come from a stored level)
     assert not {"decode_cache", "decode_cache_gb"} & set(r["train"])

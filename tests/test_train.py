@@ -452,3 +452,25 @@ def test_validating_during_training_keeps_the_best_model(config, synth, tmp_path
     m2 = run_train(config, tmp_path / "noval", "data_slimming.enabled=false",
                    "network_slimming.enabled=false", "train.epochs=1")
     assert m2["best"] is None and not (tmp_path / "noval" / "best").exists()
+
+
+def test_a_stretched_run_trains_longer_at_the_same_training_flops(runs, config, tmp_path):
+    """data_slimming.stretch=2: twice the epochs, each at half the budget's cost; the training
+    FLOPs, and the costs metrics.json reports, stay priced against the plain run of the recipe."""
+    from dance.engine.config import load_config
+    from dance.engine.train import stretched
+    _, plain, _ = runs
+    cfg = load_config(config, [*TINY, "data_slimming.stretch=2"])
+    longer, epochs = stretched(cfg)
+    assert (longer.train.epochs, epochs, longer.data_slimming.budget) == (4, 2, 0.25)
+    assert longer.network_slimming.network_budget == cfg.network_slimming.network_budget
+    off = load_config(config, [*TINY, "data_slimming.stretch=2", "data_slimming.enabled=false"])
+    assert stretched(off) == (off, 2)  # a plain run is never stretched
+    m = run_train(config, tmp_path / "stretch", "data_slimming.policy=uniform",
+                  "network_slimming.enabled=false", "data_slimming.stretch=2")
+    assert m["trained_epochs"] > 3  # about 4 epochs, trimmed to the budget
+    total = m["train_gflops_total"] / plain["train_gflops_total"]
+    assert abs(total - 0.5) <= 0.03, total
+    assert m["total_cost"] == pytest.approx(total, rel=0.01)
+    assert m["planned_cost"] == pytest.approx(0.5, abs=0.03)
+    assert m["cost_note"] is None

@@ -59,6 +59,8 @@ def result_config(config: dict) -> dict:
     if ds.get("policy") in ("uniform", "progressive") and ds.get("enabled", True):
         # these controls plan from the budget alone: no scores, drops, weights or re-plans
         kept = {"enabled": True, "policy": ds["policy"], "budget": ds["budget"]}
+        if ds.get("stretch", 1.0) != 1.0:
+            kept["stretch"] = ds["stretch"]
         if ds["policy"] == "progressive" and ds.get("final_full"):
             kept["final_full"] = ds["final_full"]  # the one setting of its schedule
         cfg["data_slimming"] = kept
@@ -67,6 +69,8 @@ def result_config(config: dict) -> dict:
             ds.pop(key, None)
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
+    if ds.get("stretch") == 1.0:
+        del ds["stretch"]  # as many epochs as the plain run: as before the key existed
     if "drop_above" in ds and ds["drop_above"] is None:
         del ds["drop_above"]  # as before the key existed
     ns, epochs = cfg.get("network_slimming", {}), cfg.get("train", {}).get("epochs", 0)

@@ -89,6 +89,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         train_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.train_split)
         val_ds = open_dataset(cfg.dataset.name, cfg.dataset.root, cfg.dataset.val_split)
         fingerprint = run_fingerprint(cfg.to_dict(), dataset_fingerprint(train_ds, val_ds))
+        cfg, plain_epochs = stretched(cfg)
         model = build_model(cfg.model.name, train_ds.num_classes, cfg.model.pretrained_backbone,
                             **cfg.model.options)
         reference = meta_copy(model)  # before a resume replays any slimming
@@ -111,6 +112,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
                         fingerprint)
         run.reference = reference
         run.keep_optimizer_state = keep_state
+        run.plain_epochs = plain_epochs
 
         run.meter.start()
         t_start = time.perf_counter() - state.wall_seconds
@@ -208,6 +210,8 @@ class Run:
     reference: nn.Module | None = None
     # removals carry the optimizer state (network_slimming.keep_optimizer_state, resolved)
     keep_optimizer_state: bool = False
+    # the plain recipe's epochs the costs are priced against (train.epochs before `stretched`)
+    plain_epochs: int = 0
 
 
 def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, float]:
@@ -562,6 +566,30 @@ def fused_adamw(groups: list[dict], **kwargs) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kwargs)
 
 
+def stretched_epochs(epochs: int, stretch: float) -> int:
+    """The epochs of a run of ``epochs`` stretched by ``stretch`` (`stretched`)."""
+    return max(epochs, round(epochs * stretch))
+
+
+def stretched(cfg: RunConfig) -> tuple[RunConfig, int]:
+    """The config a run trains by, and the plain recipe's epochs its costs are priced against.
+
+    With ``data_slimming.stretch`` above 1 (and a data plan), the run trains
+    ``round(stretch x train.epochs)`` epochs at a budget scaled down by as much, so its training
+    FLOPs are still ``budget`` x those of the plain run of ``train.epochs``: every epoch-based
+    part of the run (the plan's schedule, the learning rate, the pruning points) follows the
+    longer run (docs/method.md#stretch). Otherwise ``cfg`` itself."""
+    ds, epochs = cfg.data_slimming, cfg.train.epochs
+    if not ds.enabled or ds.stretch == 1.0:
+        return cfg, epochs
+    out = cfg.model_copy(deep=True)
+    longer = stretched_epochs(epochs, ds.stretch)
+    out.train.epochs = longer
+    out.data_slimming.budget = ds.budget * epochs / longer
+    out.data_slimming.stretch = 1.0
+    return out, epochs
+
+
 def horizon_epochs(cfg: RunConfig) -> float:
     """How many epochs the recipe asks for: all of them, or a fraction (``short`` runs, whose
     learning-rate schedule spans the shorter run: docs/method.md#run-kinds)."""
@@ -749,7 +777,8 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
                show=progress and rt.is_main, meter=EnergyMeter(rt.device),
                timer=PhaseTimer(rt.device if tc.profile else None),
                tb=_Tensorboard(out_dir / "tensorboard") if rt.is_main else None,
-               fingerprint=fingerprint, class_names=list(train_ds.class_names))
+               fingerprint=fingerprint, class_names=list(train_ds.class_names),
+               plain_epochs=tc.epochs)
 
 
 def probe_batches(data: PlannedDataset, n_images: int, batch_size: int, seed: int):
@@ -875,7 +904,7 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
     # every rank's steps: the cost, its note and the pixel ratio all come from the same sums
     # priced against the plain run of the whole recipe, however many epochs this one trained
     total = CostLedger(**dict(zip(summed, (float(v) for v in totals))),
-                       plain_scale=run.cfg.train.epochs / max(ledger.epochs_trained, 1e-12))
+                       plain_scale=run.plain_epochs / max(ledger.epochs_trained, 1e-12))
     train_gflops, images_seen = total.train_gflops, total.images_seen
     if run.tb is not None:
         run.tb.scalars(run.cfg.train.epochs, **{"val/miou": val_metrics["miou"]})
@@ -884,9 +913,11 @@ def final_metrics(run: Run, state: TrainState, plan0: DataSlimmingPlan, val_metr
         run.meter.add_estimate(train_gflops)
     train_seconds = wall_seconds - ledger.accounting_seconds
     h, w = run.cfg.train.crop
-    planned = plan0.predicted_cost * run.cfg.train.steps_fraction
+    # the plan's and the budget's costs per epoch of this run, over the plain recipe's epochs
+    longer = run.cfg.train.epochs / run.plain_epochs
+    planned = plan0.predicted_cost * run.cfg.train.steps_fraction * longer
     if joint(run.cfg):  # the budget bounds the whole run: check that, not the data side alone
-        budget = run.cfg.data_slimming.budget
+        budget = run.cfg.data_slimming.budget * longer
         off = total.total_cost / budget - 1
         cost_note = (None if abs(off) <= 0.03 else
                      f"training FLOPs {total.total_cost:.3f} of the plain run are {off:+.1%} off "

@@ -70,6 +70,8 @@ def run_config(base: RunConfig, kind: str, seed: int, thin: dict | None = None) 
         cfg.data_slimming.policy = kind if kind in ("uniform", "progressive", "shuffled") \
             else "dance"
     cfg.network_slimming.enabled = kind in ("network", "dance")
+    if kind != "dance":  # the controls train the recipe's epochs: stretched, they measured
+        cfg.data_slimming.stretch = 1.0  # worse (docs/method.md#stretch)
     if kind == "short":  # training for fewer steps: the first thing a user would try
         cfg.train.steps_fraction = cfg.data_slimming.budget
     return cfg
@@ -250,9 +252,10 @@ def _expected_cost(job: RunJob) -> float:
     the share of the data it trains, which for a joint budget is the data plan's (DANCE trains
     more pixels than ``budget`` on a network that slims: on a CPU, where a step's time falls
     far slower than its FLOPs, it is the slowest of the runs at the budget)."""
-    from dance.engine.train import data_budget
-    t, ds = job.cfg.train, job.cfg.data_slimming
-    return t.epochs * t.steps_fraction * (data_budget(job.cfg) if ds.enabled else 1.0)
+    from dance.engine.train import data_budget, stretched
+    cfg = stretched(job.cfg)[0]
+    t, ds = cfg.train, cfg.data_slimming
+    return t.epochs * t.steps_fraction * (data_budget(cfg) if ds.enabled else 1.0)
 
 
 def _score_once(cfgs: list[RunConfig], score_cache: Path, progress: bool) -> None:

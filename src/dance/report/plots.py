@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 
 from dance.data.labels import IGNORE_INDEX  # noqa: E402
 from dance.engine.config import RunConfig  # noqa: E402
+from dance.engine.train import stretched  # noqa: E402
 from dance.fileio import atomic_write_bytes  # noqa: E402
 
 _GUIDED = ("dance", "data", "shuffled")  # runs whose plan is complexity-derived
@@ -276,7 +277,8 @@ def make_plots(report: dict, cfg: RunConfig, out_dir: Path) -> list[str]:
         plan_json = json.loads(plan_file.read_text())
         plan_json.setdefault("indicator", cfg.data_slimming.indicator)
         made.append(plot_complexity(plan_json, out_dir / "complexity_plan.png"))
-        made.append(plot_scales(plan_json, cfg.train.epochs, out_dir / "scale_distribution.png"))
+        epochs = stretched(cfg)[0].train.epochs  # the plan's epochs: a stretched run's
+        made.append(plot_scales(plan_json, epochs, out_dir / "scale_distribution.png"))
     gated = next((k for k in ("dance", "network") if k in report["runs"]), None)
     if gated:
         made.append(plot_gates(report["runs"][gated], out_dir / "gates.png", gated))
