@@ -129,6 +129,9 @@ def test_run_kinds_and_bad_input():
     assert run_config(stretched, "dance", seed=0).data_slimming.stretch == 1.5
     for kind in ("uniform", "progressive", "shuffled", "data"):  # the recipe's epochs
         assert run_config(stretched, kind, seed=0).data_slimming.stretch == 1.0
+    from dance.report.compare import _stretch_note
+    assert _stretch_note(stretched.to_dict()).startswith(" (dance stretched to 6 epochs")  # 4 x 1.5
+    assert _stretch_note(RunConfig().to_dict()) == ""
     with pytest.raises(DanceError, match="network_budget, which is not set"):
         thin_model(RunConfig())
     with pytest.raises(DanceError, match="has no head-width options"):

@@ -393,13 +393,25 @@ def verdicts(report: dict) -> list[str]:
     return lines
 
 
+def _stretch_note(cfg: dict) -> str:
+    """`` (dance stretched to N epochs at the same FLOPs)`` where ``data_slimming.stretch``
+    lengthens the dance run, else nothing."""
+    stretch = cfg.get("data_slimming", {}).get("stretch", 1.0)
+    if stretch == 1.0:
+        return ""
+    from dance.engine.train import stretched_epochs
+    longer = stretched_epochs(cfg["train"]["epochs"], stretch)
+    return (f" (dance stretched to {longer} epochs at the same "
+            f"training FLOPs, data_slimming.stretch {stretch:g})")
+
+
 def render_markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [
         "# dance compare",
         "",
         f"Dataset `{cfg['dataset']['name']}` ({cfg['dataset']['root']}), model "
-        f"`{cfg['model']['name']}`, {cfg['train']['epochs']} epochs, crop "
+        f"`{cfg['model']['name']}`, {cfg['train']['epochs']} epochs{_stretch_note(cfg)}, crop "
         f"{cfg['train']['crop'][0]}×{cfg['train']['crop'][1]}, budget "
         f"{cfg['data_slimming']['budget']}, {report['seeds']} seed(s). mIoU on the "
         f"`{cfg['dataset']['val_split']}` split, in points. Ratios are over the baseline "
