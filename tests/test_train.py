@@ -401,8 +401,13 @@ def test_a_run_keeps_a_plain_text_log_with_one_line_per_epoch(runs):
     assert " epoch 1/2  step " in lines[0] and " epoch 2/2 " in lines[1]
     assert "loss " in lines[0] and "realised cost " in lines[1]
     assert lines[2].endswith(f"finished: mIoU {plain['miou']:.2f}, training FLOPs "
-                             f"{plain['realised_cost']:.3f} of the plain run's, "
-                             f"{plain['train_seconds']:.1f} s")
+                             f"1.000 of the plain run's, {plain['train_seconds']:.1f} s")
+    # a slimmed network: the training FLOPs count its cheaper steps; the data plan's cost, on
+    # the network the run started with, is said apart (it was logged as the FLOPs before)
+    last = (base / "dance" / "train.log").read_text().splitlines()[-1]
+    m = json.loads((base / "dance" / "metrics.json").read_text())
+    assert f"training FLOPs {m['total_cost']:.3f} of the plain run's (data plan " \
+        f"{m['realised_cost']:.3f} on the original network)" in last
 
 
 def test_predict_writes_label_pngs_and_overlays_for_a_folder(runs, synth, tmp_path, capsys):

@@ -160,9 +160,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         metrics["best"] = (None if best is None else
                            {"epoch": best["epoch"], "val_miou": best["val_miou"], "path": BEST})
         if rt.is_main:  # metrics.json last: it is what marks the run finished
-            text_log(out_dir, f"finished: mIoU {metrics['miou']:.2f}, training FLOPs "
-                              f"{metrics['realised_cost']:.3f} of the plain run's, "
-                              f"{metrics['train_seconds']:.1f} s")
+            text_log(out_dir, finished_line(metrics))
             atomic_write_json(out_dir / "plan.json", plan0.to_json())
             fault_point("before-metrics")
             atomic_write_json(out_dir / "metrics.json", metrics)
@@ -564,6 +562,16 @@ def fused_adamw(groups: list[dict], **kwargs) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(groups, **kwargs)
+
+
+def finished_line(metrics: dict) -> str:
+    """train.log's last line: mIoU, the training FLOPs over the plain run's (``total_cost``:
+    a slimmed network's cheaper steps counted) and, where network slimming makes it differ,
+    the data plan's cost priced on the original network (``realised_cost``), and seconds."""
+    total, plan = metrics["total_cost"], metrics["realised_cost"]
+    data = f" (data plan {plan:.3f} on the original network)" if abs(plan - total) > 5e-4 else ""
+    return (f"finished: mIoU {metrics['miou']:.2f}, training FLOPs {total:.3f} of the plain "
+            f"run's{data}, {metrics['train_seconds']:.1f} s")
 
 
 def stretched_epochs(epochs: int, stretch: float) -> int:
