@@ -206,11 +206,11 @@ class DataSlimmingConfig(_Strict):
     # progressive schedule (and the progressive control): the share of the last epochs trained
     # at full scale, the resolution of evaluation (FixRes); the ramp before spends the rest
     final_full: float = Field(0.0, ge=0, lt=1)
-    # a slimmed run (DANCE and every control that spends the budget: uniform, progressive,
-    # shuffled) trains round(stretch x train.epochs) epochs, each at budget / stretch of a plain
-    # epoch's cost on average: the same training FLOPs, the budget still the fraction of the
-    # plain run of train.epochs, spent on more, cheaper steps (docs/method.md#stretch). 1: as
-    # many epochs as the plain run
+    # a run with a data plan trains round(stretch x train.epochs) epochs, each at budget /
+    # stretch of a plain epoch's cost on average: the same training FLOPs, the budget still the
+    # fraction of the plain run of train.epochs, spent on more, cheaper steps; dance compare
+    # stretches only dance, its controls measured worse stretched (docs/method.md#stretch).
+    # 1: as many epochs as the plain run
     stretch: float = Field(1.0, ge=1, le=4)
     # stop where the batches' real input pixels (crops rounded to multiples of 8, small buckets
     # padded) reach budget x the plain run's, so every run of a compare spends the same compute

@@ -109,10 +109,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         if rt.is_main:
             atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)
         run = start_run(cfg, rt, model, slimmer, train_ds, state, saved, out_dir, progress,
-                        fingerprint)
+                        fingerprint, plain_epochs)
         run.reference = reference
         run.keep_optimizer_state = keep_state
-        run.plain_epochs = plain_epochs
 
         run.meter.start()
         t_start = time.perf_counter() - state.wall_seconds
@@ -209,7 +208,7 @@ class Run:
     # removals carry the optimizer state (network_slimming.keep_optimizer_state, resolved)
     keep_optimizer_state: bool = False
     # the plain recipe's epochs the costs are priced against (train.epochs before `stretched`)
-    plain_epochs: int = 0
+    plain_epochs: int = 1
 
 
 def train_one_epoch(run: Run, state: TrainState, epoch: int) -> tuple[float, float]:
@@ -748,7 +747,7 @@ def resume_run(ckpt_dir: Path, cfg: RunConfig, model: nn.Module, slimmer: Networ
 
 def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSlimmer | None,
               train_ds: SegmentationDataset, state: TrainState, saved: tuple | None,
-              out_dir: Path, progress: bool, fingerprint: dict) -> Run:
+              out_dir: Path, progress: bool, fingerprint: dict, plain_epochs: int) -> Run:
     """Model on its device, optimizer (restored on resume), loader over the plan, probe batches."""
     tc = cfg.train
     model.to(rt.device)
@@ -786,7 +785,7 @@ def start_run(cfg: RunConfig, rt: Runtime, model: nn.Module, slimmer: NetworkSli
                timer=PhaseTimer(rt.device if tc.profile else None),
                tb=_Tensorboard(out_dir / "tensorboard") if rt.is_main else None,
                fingerprint=fingerprint, class_names=list(train_ds.class_names),
-               plain_epochs=tc.epochs)
+               plain_epochs=plain_epochs)
 
 
 def probe_batches(data: PlannedDataset, n_images: int, batch_size: int, seed: int):
