@@ -277,7 +277,9 @@ def make_plots(report: dict, cfg: RunConfig, out_dir: Path) -> list[str]:
         plan_json = json.loads(plan_file.read_text())
         plan_json.setdefault("indicator", cfg.data_slimming.indicator)
         made.append(plot_complexity(plan_json, out_dir / "complexity_plan.png"))
-        epochs = stretched(cfg)[0].train.epochs  # the plan's epochs: a stretched run's
+        from dance.report.compare import run_config
+        # the epochs that run's plan spans: stretched for dance, the recipe's for the controls
+        epochs = stretched(run_config(cfg, plan_run, cfg.train.seed))[0].train.epochs
         made.append(plot_scales(plan_json, epochs, out_dir / "scale_distribution.png"))
     gated = next((k for k in ("dance", "network") if k in report["runs"]), None)
     if gated:
