@@ -335,6 +335,18 @@ def test_the_joint_data_budget_makes_the_expected_cost_the_budget():
     assert data_budget(cfg, draft) == 1.0
 
 
+def test_the_joint_budget_warning_names_its_cause():
+    """Under budget with the data plan whole (network_budget 0.4 in a 192-epoch run spent
+    0.448 of 0.5): the data cannot spend the saving, not a network off its expected path."""
+    from dance.engine.train import joint_budget_note
+    assert joint_budget_note(0.51, 0.5, 0.93) is None  # within 3%
+    whole = joint_budget_note(0.448, 0.5, 1.0)
+    assert "-10.4% off the joint budget 0.500" in whole and "data plan is whole" in whole
+    assert "expected mean FLOPs fraction" not in whole
+    assert "landed below its expected" in joint_budget_note(0.44, 0.5, 0.93)
+    assert "landed above its expected" in joint_budget_note(0.56, 0.5, 1.0)
+
+
 def test_a_long_run_is_slimmed_within_its_first_epochs():
     """prune_within_epochs: the points are fractions of the first 32 of 192 epochs, so the
     slimmer prunes at 5%, 8.3% and 11.7% of the run and the static data plan, priced at the
