@@ -46,6 +46,14 @@ _PLAN_FILE_KEYS = ("indicator", "schedule", "drop", "downsample", "drop_above", 
                    "keep_floor", "scales_per_epoch", "final_full")
 
 
+# (section, key, value): a key whose value gives what every run did before the key existed,
+# dropped so those runs keep their fingerprints (stretch 1: as many epochs as the plain run;
+# max_channel_cut 1: no limit)
+_AS_BEFORE_THE_KEY = (("data_slimming", "stretch", 1.0), ("data_slimming", "drop_above", None),
+                      ("network_slimming", "max_channel_cut", 1.0),
+                      ("network_slimming", "revive_dead", False))
+
+
 def result_config(config: dict) -> dict:
     """The resolved config less what cannot change the result: speed-only keys, and the
     settings of a slimming part that is switched off."""
@@ -69,19 +77,15 @@ def result_config(config: dict) -> dict:
             ds.pop(key, None)
     if cfg.get("data_slimming") == {"enabled": False}:  # every image at scale 1
         cfg.get("train", {}).pop("jitter_follows_scale", None)
-    if ds.get("stretch") == 1.0:
-        del ds["stretch"]  # as many epochs as the plain run: as before the key existed
-    if "drop_above" in ds and ds["drop_above"] is None:
-        del ds["drop_above"]  # as before the key existed
+    for section, key, value in _AS_BEFORE_THE_KEY:  # settings that left runs as they were
+        part = cfg.get(section, {})
+        if key in part and part[key] == value:
+            del part[key]
     ns, epochs = cfg.get("network_slimming", {}), cfg.get("train", {}).get("epochs", 0)
     if "prune_within_epochs" in ns and prune_window(ns["prune_within_epochs"], epochs) is None:
         del ns["prune_within_epochs"]  # points over the whole run: as before the key existed
     if ns.get("sparsity_after_last_point"):
         del ns["sparsity_after_last_point"]  # what every run did before the key existed
-    if ns.get("max_channel_cut") == 1.0:
-        del ns["max_channel_cut"]  # no limit: as before the key existed
-    if ns.get("revive_dead") is False:
-        del ns["revive_dead"]  # as before the key existed
     if ns.get("keep_optimizer_state") is False or (
             ns.get("keep_optimizer_state") == "auto" and not ds.get("enabled", True)):
         del ns["keep_optimizer_state"]  # off (auto is off without a data plan): as before
