@@ -81,9 +81,13 @@ def test_the_converged_recipe_is_the_demos_on_other_data_and_length():
     converged = load_config(REPO / "configs" / "converged.yaml").to_dict()
     assert converged["dataset"]["name"] == "cityscapes_categories"
     assert (converged["train"]["epochs"], list(converged["train"]["crop"])) == (192, [32, 64])
+    # both say network_budget: auto, which the length resolves (0.4 in the long run, 0.5)
+    assert (converged["network_slimming"]["network_budget"],
+            demo["network_slimming"]["network_budget"]) == (0.4, 0.5)
     for section in (converged, demo):
         del section["dataset"]
         section["train"].pop("epochs"), section["train"].pop("crop")
+        section["network_slimming"].pop("network_budget")
     assert converged == demo
 
 
@@ -200,3 +204,31 @@ def test_an_auto_network_budget_follows_the_training_budget_below_a_half():
     assert run_fingerprint(auto.to_dict(), {}) == run_fingerprint(explicit.to_dict(), {})
     with pytest.raises(DanceError, match="network_budget.*auto"):
         load_config("demo", ["network_slimming.network_budget=1.5"])
+
+
+def test_an_auto_network_budget_goes_further_where_the_data_plan_cuts_little():
+    from dance.engine.config import plans_a_long_run
+    from dance.engine.run_folder import run_fingerprint
+    # the converged recipe slims early in 192 epochs: at 0.5 the plan would be made at 0.92,
+    # in the long-run regime, so auto takes the network to 0.4; at 0.3 it stays at 0.3
+    assert load_config("converged", []).network_slimming.network_budget == 0.4
+    assert load_config("converged", ["data_slimming.budget=0.3"]
+                       ).network_slimming.network_budget == 0.3
+    # the 24-epoch demo recipe's plan is made at 0.67: not a long run, 0.5 as before; at a
+    # training budget of 0.8 its plan would cut little, but the network is slimmed within the
+    # run's 24 epochs, not early in a longer one: 0.5 as well
+    demo = load_config("demo", [])
+    assert demo.network_slimming.network_budget == 0.5 and not plans_a_long_run(demo, 0.5)
+    demo = load_config("demo", ["data_slimming.budget=0.8"])
+    assert demo.network_slimming.network_budget == 0.5 and plans_a_long_run(demo, 0.5)
+    assert load_config("converged", ["network_slimming.prune_within_epochs=null"]
+                       ).network_slimming.network_budget == 0.5
+    # the regime's switches turn it off: no threshold, a plan that drops anyway, no joint budget
+    for off in ("data_slimming.drop_above=null", "data_slimming.drop=true",
+                "data_slimming.joint_budget=false", "data_slimming.policy=uniform"):
+        assert load_config("converged", [off]).network_slimming.network_budget == 0.5, off
+    # an explicit number is never changed, and auto's runs are those of the number it gives
+    assert load_config("converged", ["network_slimming.network_budget=0.5"]
+                       ).network_slimming.network_budget == 0.5
+    assert run_fingerprint(load_config("converged", []).to_dict(), {}) == run_fingerprint(
+        load_config("converged", ["network_slimming.network_budget=0.4"]).to_dict(), {})

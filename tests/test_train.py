@@ -286,6 +286,7 @@ def test_a_joint_plan_that_cuts_little_is_the_long_run_regime(runs, config, tmp_
     assert {q["scale"] for q in p["per_image"]} == {1.0}
     log = (out / "train.log").read_text()
     assert "dropping the least complex images' steps" in log and "keeping the optimizer" in log
+    assert "(drop_above 0.7, network budget 0.6)" in log
     assert len(optimizer_steps(out)) == 1  # every parameter's state counts every step
     total = m["train_gflops_total"] / plain["train_gflops_total"]
     assert abs(total - 0.5) <= 0.03, total

@@ -252,6 +252,11 @@ def prune_window(within: float | None, epochs: int) -> float | None:
 
 # network_budget: auto is the training budget below this, this above it (measured at 0.3 and 0.5)
 AUTO_NETWORK_BUDGET = 0.5
+# ... or this, where the slim network trains most of a long run: the pruning points fall in the
+# first prune_within_epochs epochs of a longer run, and the data plan would be left little to
+# cut (the long-run regime). There it gave the same mIoU as 0.5 from a smaller model on two
+# scene families; in the 24-epoch demo recipe it cost a point (docs/method.md#the-long-run-regime)
+LONG_RUN_NETWORK_BUDGET = 0.4
 
 
 class NetworkSlimmingConfig(_Strict):
@@ -340,13 +345,33 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _auto_network_budget(self):
-        if self.network_slimming.network_budget == "auto":
-            self.network_slimming.network_budget = min(AUTO_NETWORK_BUDGET,
-                                                       self.data_slimming.budget)
+        ns, ds = self.network_slimming, self.data_slimming
+        if ns.network_budget == "auto":
+            budget = min(AUTO_NETWORK_BUDGET, ds.budget)
+            if prune_window(ns.prune_within_epochs, self.train.epochs) is not None \
+                    and plans_a_long_run(self, budget):
+                budget = min(LONG_RUN_NETWORK_BUDGET, budget)
+            ns.network_budget = budget
         return self
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
+
+
+def plans_a_long_run(cfg: RunConfig, network_budget: float) -> bool:
+    """Whether a DANCE run of ``cfg`` with ``network_budget`` has its data plan made in the
+    long-run regime (docs/method.md#the-long-run-regime), judged before the data is read: with
+    a joint budget, the data budget at which each epoch's cost times the network's expected
+    FLOPs fraction spends ``data_slimming.budget`` (a flat plan, ``data_budget`` without a
+    draft) is at least ``data_slimming.drop_above``."""
+    from dance.data.plan import drops_instead
+    from dance.network.slimming import NetworkSlimmer
+    ns, ds = cfg.network_slimming, cfg.data_slimming
+    if not (ds.enabled and ds.joint_budget and ns.enabled and ds.plan is None
+            and ds.policy in ("dance", "shuffled")):
+        return False
+    fraction = NetworkSlimmer.expected_fraction(ns.points(cfg.train.epochs), network_budget)
+    return drops_instead(ds.drop_above, min(1.0, ds.budget / fraction), ds.drop, ds.downsample)
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -97,9 +97,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: b
         long_run = in_long_run_regime(cfg, plan0)
         keep_state = keeps_optimizer_state(cfg, long_run)
         if rt.is_main and long_run:
+            nb = cfg.network_slimming.network_budget if cfg.network_slimming.enabled else None
             text_log(out_dir, f"data plan at {plan0.budget:.3f} of the data cost (drop_above "
-                              f"{cfg.data_slimming.drop_above:g}): dropping the least complex "
-                              f"images' steps instead of downscaling"
+                              f"{cfg.data_slimming.drop_above:g}"
+                              + ("" if nb is None else f", network budget {nb:g}")
+                              + "): dropping the least complex "
+                              "images' steps instead of downscaling"
                               + (", keeping the optimizer state through removals"
                                  if keep_state else ""))
         slimmer = make_slimmer(cfg, model)
