@@ -358,20 +358,39 @@ class RunConfig(_Strict):
         return self.model_dump(mode="json", by_alias=True)
 
 
+def joint(cfg: RunConfig) -> bool:
+    """Whether the budget counts network slimming's saving (``data_slimming.joint_budget`` with
+    network slimming towards a ``network_budget``)."""
+    ns = cfg.network_slimming
+    ds = cfg.data_slimming
+    return ds.enabled and ds.joint_budget and ns.enabled and ns.network_budget is not None
+
+
+def plans_from_scores(ds: DataSlimmingConfig) -> bool:
+    """Whether the run makes its own data plan from the complexity scores (the dance and
+    shuffled policies, no plan file): the plans the long-run regime may change."""
+    return ds.enabled and ds.policy in ("dance", "shuffled") and ds.plan is None
+
+
+def flat_data_budget(cfg: RunConfig, network_budget: float) -> float:
+    """The joint budget's data budget on a flat plan (every epoch the same data cost): the
+    training budget over the network's expected mean FLOPs fraction with ``network_budget``,
+    capped at 1 (docs/method.md#joint-budget)."""
+    from dance.network.slimming import NetworkSlimmer
+    ns = cfg.network_slimming
+    fraction = NetworkSlimmer.expected_fraction(ns.points(cfg.train.epochs), network_budget)
+    return min(1.0, cfg.data_slimming.budget / fraction)
+
+
 def plans_a_long_run(cfg: RunConfig, network_budget: float) -> bool:
     """Whether a DANCE run of ``cfg`` with ``network_budget`` has its data plan made in the
     long-run regime (docs/method.md#the-long-run-regime), judged before the data is read: with
-    a joint budget, the data budget at which each epoch's cost times the network's expected
-    FLOPs fraction spends ``data_slimming.budget`` (a flat plan, ``data_budget`` without a
-    draft) is at least ``data_slimming.drop_above``."""
+    a joint budget, its data budget on a flat plan is at least ``data_slimming.drop_above``."""
     from dance.data.plan import drops_instead
-    from dance.network.slimming import NetworkSlimmer
-    ns, ds = cfg.network_slimming, cfg.data_slimming
-    if not (ds.enabled and ds.joint_budget and ns.enabled and ds.plan is None
-            and ds.policy in ("dance", "shuffled")):
-        return False
-    fraction = NetworkSlimmer.expected_fraction(ns.points(cfg.train.epochs), network_budget)
-    return drops_instead(ds.drop_above, min(1.0, ds.budget / fraction), ds.drop, ds.downsample)
+    ds = cfg.data_slimming
+    return (joint(cfg) and plans_from_scores(ds)
+            and drops_instead(ds.drop_above, flat_data_budget(cfg, network_budget), ds.drop,
+                              ds.downsample))
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -38,7 +38,13 @@ from dance.data.plan import (
 from dance.data.sampler import BucketedBatchSampler
 from dance.data.transforms import TrainTransform, scaled_crop
 from dance.engine import checkpoint as ckpt
-from dance.engine.config import RunConfig, load_config
+from dance.engine.config import (
+    RunConfig,
+    flat_data_budget,
+    joint,
+    load_config,
+    plans_from_scores,
+)
 from dance.engine.cost import CostLedger, EnergyMeter, PhaseTimer
 from dance.engine.evaluate import eval_fields
 from dance.engine.loss import weighted_cross_entropy
@@ -397,8 +403,8 @@ def in_long_run_regime(cfg: RunConfig, plan0: DataSlimmingPlan) -> bool:
     it then drops instead of downscaling, and ``keep_optimizer_state: auto`` keeps the state
     (docs/method.md#the-long-run-regime)."""
     ds = cfg.data_slimming
-    return (ds.enabled and ds.policy in ("dance", "shuffled") and ds.plan is None
-            and drops_instead(ds.drop_above, plan0.budget, ds.drop, ds.downsample))
+    return plans_from_scores(ds) and drops_instead(ds.drop_above, plan0.budget, ds.drop,
+                                                   ds.downsample)
 
 
 def keeps_optimizer_state(cfg: RunConfig, long_run: bool) -> bool:
@@ -449,14 +455,6 @@ def adapts(cfg: RunConfig) -> bool:
     return ds.enabled and ds.adaptive and ds.policy == "dance"
 
 
-def joint(cfg: RunConfig) -> bool:
-    """Whether the budget counts network slimming's saving (``data_slimming.joint_budget`` with
-    network slimming towards a ``network_budget``)."""
-    ns = cfg.network_slimming
-    ds = cfg.data_slimming
-    return ds.enabled and ds.joint_budget and ns.enabled and ns.network_budget is not None
-
-
 def data_budget(cfg: RunConfig, draft: DataSlimmingPlan | None = None) -> float:
     """The budget the data plan is made at: ``data_slimming.budget``, or with a joint budget,
     the budget ``B`` at which the run's expected cost, each epoch's data cost times the
@@ -471,7 +469,7 @@ def data_budget(cfg: RunConfig, draft: DataSlimmingPlan | None = None) -> float:
     ns, epochs = cfg.network_slimming, cfg.train.epochs
     points = ns.points(epochs)
     if draft is None or draft.schedule == "static":
-        return min(1.0, budget / NetworkSlimmer.expected_fraction(points, ns.network_budget))
+        return flat_data_budget(cfg, ns.network_budget)
     fraction = np.array([NetworkSlimmer.expected_fraction(points, ns.network_budget,
                                                           e / epochs, (e + 1) / epochs)
                          for e in range(epochs)])
