@@ -231,7 +231,8 @@ def _peak_cpu_bytes(net: nn.Module, x: torch.Tensor) -> int:
     # allocations into the op that made them and loses their order.
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    events.sort(key=lambda e: e.start_ns())
+    # older torch (2.3 among them) has start_us only
+    events.sort(key=lambda e: e.start_ns() if hasattr(e, "start_ns") else e.start_us() * 1000)
     running = np.cumsum([e.nbytes() for e in events]) if events else np.zeros(1)
     return int(max(running.max(), 0))
 

@@ -5,6 +5,7 @@ The model inside takes RGB floats in [0, 1] shaped (N, 3, H, W) and returns logi
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import json
 import os
@@ -60,6 +61,12 @@ def _onnx_with_metadata(data: bytes, metadata: dict[str, str], classes: int | No
     return proto.SerializeToString()
 
 
+# the TorchScript-based exporter: the default before torch 2.9, which has no ``dynamo`` switch
+# before 2.5
+_TORCHSCRIPT_EXPORTER = ({"dynamo": False}
+                         if "dynamo" in inspect.signature(torch.onnx.export).parameters else {})
+
+
 def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
            input_shape: Sequence[int] = (1, 3, 256, 512),
            class_names: Sequence[str] | None = None) -> Path:
@@ -86,9 +93,9 @@ def export(model: nn.Module, path: str | os.PathLike, format: str = "onnx",
         metadata = deployment_metadata(net, class_names)
         if format == "onnx":
             axes = {0: "batch", 2: "height", 3: "width"}
-            torch.onnx.export(net, (example,), buffer, dynamo=False, opset_version=ONNX_OPSET,
+            torch.onnx.export(net, (example,), buffer, opset_version=ONNX_OPSET,
                               input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": axes, "logits": axes})
+                              dynamic_axes={"image": axes, "logits": axes}, **_TORCHSCRIPT_EXPORTER)
             arch = getattr(net, "dance_arch", None)
             data = _onnx_with_metadata(buffer.getvalue(), metadata,
                                        arch.num_classes if arch is not None else None)

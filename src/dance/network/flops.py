@@ -46,15 +46,23 @@ _SIGNATURES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _conv_backward_flop(grad_out, x, weight, bias_sizes, stride, padding, dilation, transposed,
-                        output_padding, groups, output_mask, out_val=None, **kwargs) -> int:
-    """aten.convolution_backward: torch's count, with the weight gradient divided by groups."""
-    args = (grad_out, x, weight, bias_sizes, stride, padding, dilation, transposed,
-            output_padding, groups)
-    grad_input = conv_backward_flop(*args, [output_mask[0], False, False], out_val=out_val)
-    grad_weight = conv_backward_flop(*args, [False, output_mask[1], False], out_val=out_val)
+                        output_padding, groups, output_mask, out_val=None, out=None,
+                        **kwargs) -> int:
+    """aten.convolution_backward: torch's count, with the weight gradient divided by groups.
+    FlopCounterMode hands the op's outputs as ``out_val`` (``out`` in older torch, 2.3 among them);
+    torch's formula is called unwrapped, on shapes, as every version from 2.3 takes it."""
+    outs = out_val if out_val is not None else out
+    out_shape = [o.shape if isinstance(o, torch.Tensor) else o for o in outs]
+    args = (grad_out.shape, x.shape, weight.shape, bias_sizes, stride, padding, dilation,
+            transposed, output_padding, groups)
+    grad_input = _TORCH_CONV_BACKWARD(*args, [output_mask[0], False, False], out_shape=out_shape)
+    grad_weight = _TORCH_CONV_BACKWARD(*args, [False, output_mask[1], False], out_shape=out_shape)
     return grad_input + grad_weight // groups
 
 
+# torch's formula on shapes, without the wrapper that turns tensors into shapes (whose keyword for
+# the outputs changed name between versions)
+_TORCH_CONV_BACKWARD = getattr(conv_backward_flop, "__wrapped__", conv_backward_flop)
 _conv_backward_flop._get_raw = True  # FlopCounterMode passes tensors, as to its own formulas
 _FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flop}
 
