@@ -52,3 +52,31 @@ def test_adamw_without_decay_on_gates_and_its_state_round_trips(tmp_path):
     assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
     assert opt2.state[q]["step"].device.type == "cpu" and float(opt2.state[q]["step"]) == 1
     assert math.isclose(opt2.param_groups[0]["lr"], 0.1)
+
+
+def test_adamw_is_fused_only_where_the_fused_kernel_steps(monkeypatch):
+    """Some torch versions (2.3 on the CPU) accept AdamW(fused=True) and fail at its first step:
+    the optimizer is then the unfused one, and it steps."""
+    from dance.engine import train as engine
+    real = torch.optim.AdamW
+
+    class FusedFailsAtStep(real):
+        def step(self, closure=None):
+            if self.defaults.get("fused"):
+                raise NotImplementedError("Could not run 'aten::_fused_adamw_' with arguments "
+                                          "from the 'CPU' backend")
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", FusedFailsAtStep)
+    monkeypatch.setattr(engine, "_FUSED_ADAMW", {})
+    model = build_model("deeplabv3plus_mbv2", 3, width_mult=0.35, aspp_channels=16)
+    opt = make_optimizer(model, cfg(optimizer="adamw", weight_decay=0.05))
+    assert not opt.defaults.get("fused")
+    model(torch.rand(2, 3, 32, 64)).mean().backward()
+    before = next(model.parameters()).detach().clone()
+    opt.step()
+    assert not torch.equal(before, next(model.parameters()))
+    assert engine._FUSED_ADAMW == {"cpu": False}
+    monkeypatch.setattr(torch.optim, "AdamW", real)  # a kernel that steps is used
+    monkeypatch.setattr(engine, "_FUSED_ADAMW", {"cpu": True})
+    assert make_optimizer(model, cfg(optimizer="adamw", weight_decay=0.05)).defaults["fused"]

@@ -557,11 +557,30 @@ def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
 def fused_adamw(groups: list[dict], **kwargs) -> torch.optim.Optimizer:
     """AdamW with its fused kernel (one kernel for all parameters: 10.6 -> 2.7 ms per step of
     the demo's model on one CPU thread, BENCHMARKS.md) where this torch has it for the device
-    (CUDA; CPU from torch 2.4), the per-parameter loop elsewhere."""
-    try:
+    (CUDA; the CPU in recent torch), the per-parameter loop elsewhere."""
+    device = next((p.device for g in groups for p in g["params"]), None)
+    if device is not None and _fused_adamw_steps(device):
         return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+_FUSED_ADAMW: dict[str, bool] = {}
+
+
+def _fused_adamw_steps(device: torch.device) -> bool:
+    """Whether a fused AdamW steps on ``device``'s type: some torch versions (2.3 on the CPU)
+    accept ``fused=True`` and fail only at the first step. Tried once per device type on one
+    scratch parameter."""
+    if device.type not in _FUSED_ADAMW:
+        p = nn.Parameter(torch.zeros(1, device=device))
+        try:
+            opt = torch.optim.AdamW([p], fused=True)
+            p.grad = torch.ones_like(p)
+            opt.step()
+            _FUSED_ADAMW[device.type] = True
+        except (RuntimeError, TypeError, ValueError):  # NotImplementedError among the first
+            _FUSED_ADAMW[device.type] = False
+    return _FUSED_ADAMW[device.type]
 
 
 def finished_line(metrics: dict) -> str:
