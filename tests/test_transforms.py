@@ -125,10 +125,11 @@ def test_jitter_that_follows_the_scale_is_weaker_on_downsampled_images():
 
 def test_the_mask_crop_equals_resizing_the_whole_mask_first():
     """`crop_mask` gathers the crop's pixels straight from the stored mask: the same labels as
-    torchvision's nearest-exact resize of the whole mask, then pad, crop and flip."""
+    torch's nearest-exact resize of the whole mask, then pad, crop and flip. (The reference
+    resize is torch's own: torchvision's resize of a Mask took nearest, whatever the mode
+    asked, in older versions, 0.18 among them.)"""
     import numpy as np
     from torchvision import tv_tensors
-    from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
     rng = np.random.default_rng(0)
     for t in range(300):
@@ -140,7 +141,8 @@ def test_the_mask_crop_equals_resizing_the_whole_mask_first():
                            torch.Generator().manual_seed(t))
         m = tv_tensors.Mask(torch.from_numpy(mask)[None])
         if list(m.shape[-2:]) != list(d.size):
-            m = F.resize(m, list(d.size), InterpolationMode.NEAREST_EXACT)
+            m = tv_tensors.Mask(torch.nn.functional.interpolate(
+                m[None].float(), size=list(d.size), mode="nearest-exact")[0].to(torch.uint8))
         m = F.pad(m, [0, 0, d.pad[1], d.pad[0]], fill=255)
         m = F.crop(m, d.top, d.left, *d.crop)
         if d.flip:

@@ -21,12 +21,24 @@ def build_wheel(out: Path) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    # the setuptools at hand when there is one (seconds); else pip fetches it, as pip install does
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    # the setuptools at hand where it builds wheels (seconds); else pip fetches one, as pip
+    # install does
+    isolation = ["--no-build-isolation"] if _builds_wheels() else []
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", *isolation,
                     "-q", "-w", str(out)], check=True, timeout=300)
     (wheel,) = out.glob("dance-*.whl")
     return wheel
+
+
+def _builds_wheels() -> bool:
+    """Whether the setuptools at hand builds wheels itself (70.1 on) or with ``wheel`` beside."""
+    if importlib.util.find_spec("setuptools") is None:
+        return False
+    if importlib.util.find_spec("wheel") is not None:
+        return True
+    from importlib.metadata import version
+    major, minor = (int(v) for v in version("setuptools").split(".")[:2])
+    return (major, minor) >= (70, 1)
 
 
 def test_the_wheel_carries_every_module_and_the_ready_configs(tmp_path):
