@@ -560,7 +560,10 @@ def fused_adamw(groups: list[dict], **kwargs) -> torch.optim.Optimizer:
     (CUDA; the CPU in recent torch), the per-parameter loop elsewhere."""
     device = next((p.device for g in groups for p in g["params"]), None)
     if device is not None and _fused_adamw_steps(device):
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError, ValueError):  # parameters the kernel does not take
+            pass
     return torch.optim.AdamW(groups, **kwargs)
 
 
