@@ -61,8 +61,8 @@ def _onnx_with_metadata(data: bytes, metadata: dict[str, str], classes: int | No
     return proto.SerializeToString()
 
 
-# the TorchScript-based exporter: the default before torch 2.9, which has no ``dynamo`` switch
-# before 2.5
+# the TorchScript-based exporter, asked for where torch.onnx.export has a ``dynamo`` switch;
+# older torch (2.3 among them) has none and exports with that one anyway
 _TORCHSCRIPT_EXPORTER = ({"dynamo": False}
                          if "dynamo" in inspect.signature(torch.onnx.export).parameters else {})
 
