@@ -31,14 +31,12 @@ def build_wheel(out: Path) -> Path:
 
 
 def _builds_wheels() -> bool:
-    """Whether the setuptools at hand builds wheels itself (70.1 on) or with ``wheel`` beside."""
+    """Whether the setuptools at hand builds wheels: its own bdist_wheel (70.1 on), or
+    ``wheel``'s beside an older one."""
     if importlib.util.find_spec("setuptools") is None:
         return False
-    if importlib.util.find_spec("wheel") is not None:
-        return True
-    from importlib.metadata import version
-    major, minor = (int(v) for v in version("setuptools").split(".")[:2])
-    return (major, minor) >= (70, 1)
+    return any(importlib.util.find_spec(m) is not None
+               for m in ("setuptools.command.bdist_wheel", "wheel"))
 
 
 def test_the_wheel_carries_every_module_and_the_ready_configs(tmp_path):

@@ -231,8 +231,9 @@ def _peak_cpu_bytes(net: nn.Module, x: torch.Tensor) -> int:
     # allocations into the op that made them and loses their order.
     events = [e for e in prof.profiler.kineto_results.events()
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    # older torch (2.3 among them) has start_us only
-    events.sort(key=lambda e: e.start_ns() if hasattr(e, "start_ns") else e.start_us() * 1000)
+    if events:  # older torch (2.3 among them) has start_us only
+        events.sort(key=(lambda e: e.start_ns()) if hasattr(events[0], "start_ns")
+                    else (lambda e: e.start_us()))
     running = np.cumsum([e.nbytes() for e in events]) if events else np.zeros(1)
     return int(max(running.max(), 0))
 
