@@ -492,3 +492,24 @@ def test_a_stretched_run_trains_longer_at_the_same_training_flops(runs, config, 
     assert m["total_cost"] == pytest.approx(total, rel=0.01)
     assert m["planned_cost"] == pytest.approx(0.5, abs=0.03)
     assert m["cost_note"] is None
+
+
+def test_cpu_training_steps_take_the_small_map_shortcuts(config, tmp_path, monkeypatch):
+    """Every CPU training step runs its forward inside ``small_map_convs`` (default on, before and
+    after a channel removal), which hands the layers back as ``nn.Conv2d`` after each step;
+    ``train.small_map_convs=false`` turns it off."""
+    import dance.engine.train as engine
+    real = engine.small_map_convs
+    for option, expected in (((), True), (("train.small_map_convs=false",), False)):
+        seen = []
+
+        def spy(model, enabled=True, seen=seen):
+            seen.append((enabled, len(model.dance_arch.removed)))
+            return real(model, enabled)
+        monkeypatch.setattr(engine, "small_map_convs", spy)
+        out = tmp_path / str(expected)
+        m = run_train(config, out, *option)
+        assert {enabled for enabled, _ in seen} == {expected}
+        if expected:
+            assert len({removed for _, removed in seen}) > 1  # before and after the removal
+            assert m["removed_channels"] > 0

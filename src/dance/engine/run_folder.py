@@ -20,9 +20,10 @@ from dance.errors import DanceError
 
 FINGERPRINT_FILE = "fingerprint.json"
 LOCK_FILE = ".lock"
-# Config keys that change how fast a run goes, never what it computes.
+# Config keys that change how fast a run goes, never what it computes (beyond the order of
+# floating-point sums).
 _NOT_RESULT_KEYS = (("train", "workers"), ("train", "threads"), ("train", "profile"),
-                    ("train", "warmup_shapes"))
+                    ("train", "warmup_shapes"), ("train", "small_map_convs"))
 
 
 def dataset_identity(dataset) -> dict:

@@ -73,6 +73,7 @@ from dance.network.flops import count_gflops, meta_copy
 from dance.network.gates import MultiScaleModule, branches
 from dance.network.registry import build_model
 from dance.network.slimming import NetworkSlimmer, OptimizerSnapshot, rebuild_optimizer
+from dance.network.smallmaps import small_map_convs
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -333,7 +334,8 @@ def optimizer_step(run: Run, batch: dict, weights: torch.Tensor, mean_scale: flo
         if channels_last(run.cfg, rt):
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["mask"].to(rt.device, non_blocking=True)
-        with autocast(rt.device, run.cfg.train.amp):
+        with autocast(rt.device, run.cfg.train.amp), \
+                small_map_convs(run.model, run.cfg.train.small_map_convs and rt.device.type == "cpu"):
             logits = run.ddp_model(x)
         loss, per_image = weighted_cross_entropy(logits.float(), y,
                                                  weights[batch["index"]].to(rt.device))
