@@ -354,14 +354,21 @@ def test_benchmark_data_lives_in_this_users_private_cache_not_in_tmp(tmp_path, m
 
 
 def test_layout_script_times_both_layouts_of_each_model(capsys):
-    """benchmarks/layout.py prints one row per model and size: both layouts' step times and
-    their ratio; a bad size or model is a one-line usage error."""
+    """benchmarks/layout.py prints one row per model and size: both layouts' (or the usual and
+    the small-map convolutions') step times and their ratio; a bad size or model is a one-line
+    usage error."""
     mod = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "layout.py"))
     assert mod["main"](["--models", "lraspp_mobilenet_v3_large", "--sizes", "32x64",
                         "--batch", "1", "--steps", "1", "--repeats", "1"]) == 0
     rows = table_rows(capsys.readouterr().out)
     usual, last, ratio = (float(v) for v in rows["lraspp_mobilenet_v3_large"][0].split(","))
     assert usual > 0 and last > 0 and ratio == pytest.approx(last / usual, rel=0.01)  # ms rounded
+    assert mod["main"](["--models", "deeplabv3plus_mbv2", "--sizes", "32x64", "--batch", "2",
+                        "--steps", "1", "--repeats", "1", "--against", "small-maps"]) == 0
+    out = capsys.readouterr().out
+    assert "usual ms, small-maps ms, ratio" in out
+    usual, small, ratio = (float(v) for v in table_rows(out)["deeplabv3plus_mbv2"][0].split(","))
+    assert usual > 0 and small > 0 and ratio == pytest.approx(small / usual, rel=0.01)
     for bad in (["--sizes", "64by128"], ["--models", "unet"]):
         with pytest.raises(SystemExit):
             mod["main"](bad)
