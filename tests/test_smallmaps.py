@@ -30,6 +30,8 @@ CASES = [
     (8, 8, 8, 3, 1, 0, 1, (4, 4)), (8, 8, 8, 3, 1, (2, 1), 2, (2, 4)),  # other paddings
     (8, 16, 8, 3, 1, 2, 2, (1, 3)),  # grouped, not depthwise
     (8, 8, 8, 1, 1, 0, 1, (2, 3)),  # depthwise 1x1
+    *[(24, 40, 1, 1, 1, 0, 1, hw) for hw in ((1, 1), (2, 4), (4, 4), (4, 5))],  # pointwise
+    (24, 40, 1, 1, 2, 0, 1, (2, 4)),  # strided pointwise
 ]
 
 
@@ -56,8 +58,8 @@ def test_the_block_swaps_layers_and_always_restores_them():
                           nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"))
     keys = list(model.state_dict())
     with small_map_convs(model) as n:
-        assert n == 2  # not the 1x1, the string padding or the reflecting one
-        assert [type(m) for m in model] == [SmallMapConv2d, nn.Conv2d, SmallMapConv2d,
+        assert n == 3  # not the string padding or the reflecting one
+        assert [type(m) for m in model] == [SmallMapConv2d, SmallMapConv2d, SmallMapConv2d,
                                             nn.Conv2d, nn.Conv2d]
         assert list(model.state_dict()) == keys
     assert all(type(m) is nn.Conv2d for m in model)
@@ -121,7 +123,10 @@ def test_a_training_step_of_every_family_is_unchanged(name, options):
 
 
 @pytest.mark.parametrize("case,expected", [
-    ((8, 16, 1, 3, 1, 12, 12, (1, 2)), [(1, 1, 1)]),  # ASPP-like: every tap but the middle dropped
+    ((8, 16, 1, 3, 1, 12, 12, (1, 2)), []),  # ASPP-like: the middle tap left, a matrix product
+    ((8, 16, 1, 3, 1, 12, 12, (3, 4)), [(3, 1, 1)]),  # the middle tap left, too many pixels
+    ((8, 16, 1, 1, 1, 0, 1, (2, 4)), []),  # pointwise on 8 pixels: a matrix product
+    ((8, 16, 1, 1, 1, 0, 1, (3, 3)), [(3, 1, 1)]),  # pointwise on 9 pixels: as usual
     ((8, 8, 8, 3, 1, 6, 6, (1, 2)), []),  # depthwise left 1x1: a per-channel product
     ((8, 8, 8, 3, 1, 2, 2, (2, 4)), []),  # depthwise left one dilated row: a shifted sum
     ((8, 8, 8, 3, 1, 1, 1, (2, 4)), [(3, 3, 3)]),  # depthwise shorter than its kernel: padded
@@ -139,6 +144,20 @@ def test_each_rewrite_is_the_one_taken(case, expected, monkeypatch):
     small_map_conv2d(torch.randn(1, cin, *hw), torch.randn(cout, cin // groups, k, k), None,
                      stride, padding, dilation, groups)
     assert seen == expected
+
+
+def test_a_channels_last_input_gives_the_same_values():
+    """The trainer's channels-last option hands layers channels-last maps: each rewrite reads
+    them as the convolution does."""
+    g = torch.Generator().manual_seed(0)
+    for cin, cout, groups, k, padding, dilation, hw in ((24, 40, 1, 1, 0, 1, (2, 4)),
+                                                        (8, 8, 8, 3, 2, 2, (2, 4)),
+                                                        (8, 16, 1, 3, 6, 6, (1, 2))):
+        x = torch.randn(2, cin, *hw, generator=g).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(cout, cin // groups, k, k, generator=g)
+        torch.testing.assert_close(small_map_conv2d(x, w, None, 1, padding, dilation, groups),
+                                   F.conv2d(x, w, None, 1, padding, dilation, groups),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("padding", [(0, 0), (0, 1), (0, 2), (1, 2)], ids=str)

@@ -4,14 +4,18 @@ At the scales a data plan trains at, a segmentation model's deepest maps are one
 high, and on a CPU a step there is dominated by a fixed cost: oneDNN's convolution backward is
 many times slower on such maps than their arithmetic needs (measured on the demo's model at
 16x32, batch 8: the depthwise 3x3 backward of a 480-channel 1x2 map takes 1-3 ms, a multiply
-of the same tensors 75 us). Four rewrites remove much of it, each giving the same values up
+of the same tensors 75 us). Five rewrites remove much of it, each giving the same values up
 to the order of float sums:
 
 - **taps that read only padding**: a stride-1 convolution padded to keep its size, whose
   dilation is at least the map's height (width), reads the zero padding with every tap row
   (column) but the middle ones; those taps are dropped (ASPP's dilated branches become 1x1
   convolutions on a 1x2 map);
-- **a depthwise 1x1 convolution is a per-channel multiply** (what the rule above leaves of a
+- **a 1x1 convolution on a map of at most 8 pixels is one matrix product** over every pixel
+  of the batch: with one thread and fewer than 16 images torch runs it as one small matrix
+  product per image (``slow_conv2d``), whose backward on such maps is several times slower
+  (also what the first rule leaves of ASPP's dilated branches);
+- **a depthwise 1x1 convolution is a per-channel multiply** (what the first rule leaves of a
   dilated depthwise layer on a map smaller than its dilation);
 - **a dilated depthwise convolution left with one row of taps is a sum of shifted products**
   (oneDNN's dilated depthwise backward: 2.7 ms on a 480-channel 2x4 map, the shifted sum 1.0);
@@ -33,6 +37,9 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# a 1x1 convolution on a map of at most this many pixels is one matrix product
+MATMUL_PIXELS = 8
 
 
 def _pair(v) -> tuple[int, int]:
@@ -57,6 +64,9 @@ def small_map_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             weight = weight[:, :, ch - r[0]:ch + r[0] + 1, cw - r[1]:cw + r[1] + 1]
             p = (d[0] * r[0], d[1] * r[1])
             kh, kw = weight.shape[-2:]
+    if (groups == 1 and kh == kw == 1 and s == (1, 1) and p == (0, 0)
+            and size[0] * size[1] <= MATMUL_PIXELS):
+        return _matmul(x, weight, bias)
     depthwise = groups > 1 and groups == x.shape[1] == weight.shape[0]
     if depthwise and kh == kw == 1 and s == (1, 1) and p == (0, 0):
         y = x * weight.view(1, -1, 1, 1)
@@ -69,6 +79,15 @@ def small_map_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         y = F.conv2d(F.pad(x, (0, 0, 0, kh - size[0])), weight, bias, s, p, d, groups)
         return y[:, :, :rows]
     return F.conv2d(x, weight, bias, s, p, d, groups)
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1x1 convolution as one matrix product over every pixel of the batch."""
+    n, c, h, w = x.shape
+    cols = x.transpose(0, 1).reshape(c, n * h * w)
+    mat = weight.view(weight.shape[0], c)
+    y = mat @ cols if bias is None else torch.addmm(bias.view(-1, 1), mat, cols)
+    return y.view(-1, n, h, w).transpose(0, 1).contiguous()
 
 
 def _shifted_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad: int,
@@ -104,10 +123,9 @@ def _compiling() -> bool:
 
 def eligible(conv: nn.Module) -> bool:
     """Whether ``small_map_conv2d`` can stand in for ``conv``: a plain ``nn.Conv2d`` with zero
-    padding given as numbers and a kernel larger than 1x1 or a depthwise one."""
+    padding given as numbers."""
     return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str)
-            and (conv.kernel_size != (1, 1) or conv.groups > 1))
+            and not isinstance(conv.padding, str))
 
 
 @contextlib.contextmanager
