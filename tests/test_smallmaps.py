@@ -30,8 +30,8 @@ CASES = [
     (8, 8, 8, 3, 1, 0, 1, (4, 4)), (8, 8, 8, 3, 1, (2, 1), 2, (2, 4)),  # other paddings
     (8, 16, 8, 3, 1, 2, 2, (1, 3)),  # grouped, not depthwise
     (8, 8, 8, 1, 1, 0, 1, (2, 3)),  # depthwise 1x1
-    *[(24, 40, 1, 1, 1, 0, 1, hw) for hw in ((1, 1), (2, 4), (4, 4), (4, 5))],  # pointwise
-    (24, 40, 1, 1, 2, 0, 1, (2, 4)),  # strided pointwise
+    *[(64, 72, 1, 1, 1, 0, 1, hw) for hw in ((1, 1), (1, 2), (2, 4), (4, 5))],  # pointwise
+    (24, 40, 1, 1, 1, 0, 1, (2, 4)), (64, 72, 1, 1, 2, 0, 1, (2, 4)),  # small; strided
 ]
 
 
@@ -123,10 +123,12 @@ def test_a_training_step_of_every_family_is_unchanged(name, options):
 
 
 @pytest.mark.parametrize("case,expected", [
-    ((8, 16, 1, 3, 1, 12, 12, (1, 2)), []),  # ASPP-like: the middle tap left, a matrix product
-    ((8, 16, 1, 3, 1, 12, 12, (3, 4)), [(3, 1, 1)]),  # the middle tap left, too many pixels
-    ((8, 16, 1, 1, 1, 0, 1, (2, 4)), []),  # pointwise on 8 pixels: a matrix product
-    ((8, 16, 1, 1, 1, 0, 1, (3, 3)), [(3, 1, 1)]),  # pointwise on 9 pixels: as usual
+    ((64, 64, 1, 3, 1, 12, 12, (1, 2)), []),  # ASPP-like: the middle tap left, a matrix product
+    ((8, 16, 1, 3, 1, 12, 12, (1, 2)), [(1, 1, 1)]),  # the middle tap left, too few weights
+    ((64, 64, 1, 3, 1, 12, 12, (3, 4)), [(3, 1, 1)]),  # the middle tap left, too many pixels
+    ((64, 64, 1, 1, 1, 0, 1, (2, 4)), []),  # pointwise on 8 pixels: a matrix product
+    ((64, 64, 1, 1, 1, 0, 1, (3, 3)), [(3, 1, 1)]),  # pointwise on 9 pixels: as usual
+    ((64, 64, 1, 1, 1, 0, 1, (1, 1)), [(1, 1, 1)]),  # on one pixel: as usual
     ((8, 8, 8, 3, 1, 6, 6, (1, 2)), []),  # depthwise left 1x1: a per-channel product
     ((8, 8, 8, 3, 1, 2, 2, (2, 4)), []),  # depthwise left one dilated row: a shifted sum
     ((8, 8, 8, 3, 1, 1, 1, (2, 4)), [(3, 3, 3)]),  # depthwise shorter than its kernel: padded
@@ -150,7 +152,7 @@ def test_a_channels_last_input_gives_the_same_values():
     """The trainer's channels-last option hands layers channels-last maps: each rewrite reads
     them as the convolution does."""
     g = torch.Generator().manual_seed(0)
-    for cin, cout, groups, k, padding, dilation, hw in ((24, 40, 1, 1, 0, 1, (2, 4)),
+    for cin, cout, groups, k, padding, dilation, hw in ((64, 72, 1, 1, 0, 1, (2, 4)),
                                                         (8, 8, 8, 3, 2, 2, (2, 4)),
                                                         (8, 16, 1, 3, 6, 6, (1, 2))):
         x = torch.randn(2, cin, *hw, generator=g).contiguous(memory_format=torch.channels_last)

@@ -11,10 +11,10 @@ to the order of float sums:
   dilation is at least the map's height (width), reads the zero padding with every tap row
   (column) but the middle ones; those taps are dropped (ASPP's dilated branches become 1x1
   convolutions on a 1x2 map);
-- **a 1x1 convolution on a map of at most 8 pixels is one matrix product** over every pixel
-  of the batch: with one thread and fewer than 16 images torch runs it as one small matrix
-  product per image (``slow_conv2d``), whose backward on such maps is several times slower
-  (also what the first rule leaves of ASPP's dilated branches);
+- **a 1x1 convolution on a map of 2 to 8 pixels is one matrix product** over every pixel of
+  the batch, where it has at least 4096 weights: with one thread and fewer than 16 images torch
+  runs it as one small matrix product per image (``slow_conv2d``), whose backward on such maps
+  is 2-5x slower for such layers (also what the first rule leaves of ASPP's dilated branches);
 - **a depthwise 1x1 convolution is a per-channel multiply** (what the first rule leaves of a
   dilated depthwise layer on a map smaller than its dilation);
 - **a dilated depthwise convolution left with one row of taps is a sum of shifted products**
@@ -38,8 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# a 1x1 convolution on a map of at most this many pixels is one matrix product
+# a 1x1 convolution on a map of 2 to this many pixels, with at least MATMUL_WEIGHTS weights, is
+# one matrix product (smaller layers and single pixels are faster as torch runs them)
 MATMUL_PIXELS = 8
+MATMUL_WEIGHTS = 4096
 
 
 def _pair(v) -> tuple[int, int]:
@@ -65,7 +67,8 @@ def small_map_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             p = (d[0] * r[0], d[1] * r[1])
             kh, kw = weight.shape[-2:]
     if (groups == 1 and kh == kw == 1 and s == (1, 1) and p == (0, 0)
-            and size[0] * size[1] <= MATMUL_PIXELS):
+            and 2 <= size[0] * size[1] <= MATMUL_PIXELS
+            and weight.shape[0] * weight.shape[1] >= MATMUL_WEIGHTS):
         return _matmul(x, weight, bias)
     depthwise = groups > 1 and groups == x.shape[1] == weight.shape[0]
     if depthwise and kh == kw == 1 and s == (1, 1) and p == (0, 0):
