@@ -2,7 +2,7 @@
 and with one CPU option, side by side on this machine's CPU, printed as a table of
 milliseconds and ratios: what `train.channels_last: always` (``--against channels-last``, the
 default) or `train.small_map_convs` (``--against small-maps``) buys a CPU run of that model
-(BENCHMARKS.md, "Channels-last on the CPU" and "Convolutions on maps a few pixels high").
+(BENCHMARKS.md, "Channels-last on the CPU" and the seventeenth round).
 
     python benchmarks/layout.py [--models a,b] [--sizes 64x128,128x256] [--batch 4]
         [--threads 1] [--steps 4] [--repeats 2] [--against channels-last|small-maps]

@@ -118,8 +118,8 @@ class TrainConfig(_Strict):
     # HRNet about 20%, the ResNet PSPNets up to 17% slower), so it is opt-in there; false nowhere
     channels_last: bool | Literal["always"] = True
     # on a CPU, the training forward's convolutions on maps a few pixels high take exact
-    # shortcuts (taps that read only padding dropped, depthwise layers as products), where
-    # oneDNN's backward is slowest: the same values up to the order of float sums
+    # shortcuts (taps that read only padding dropped, 1x1 and depthwise layers as products),
+    # where the CPU's convolution backward is slowest: the same values up to the order of sums
     small_map_convs: bool = True
     # CUDA only: one forward/backward per input shape before training, so cuDNN's algorithm
     # search (cudnn.benchmark) is not charged to the first steps of each scale
