@@ -113,15 +113,10 @@ class SmallMapConv2d(nn.Conv2d):
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
         if (self.training and input.device.type == "cpu" and not torch.jit.is_tracing()
-                and not torch.jit.is_scripting() and not _compiling()):
+                and not torch.jit.is_scripting() and not torch.compiler.is_compiling()):
             return small_map_conv2d(input, weight, bias, self.stride, self.padding,
                                     self.dilation, self.groups)
         return super()._conv_forward(input, weight, bias)
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
 
 
 def eligible(conv: nn.Module) -> bool:
