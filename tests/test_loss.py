@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dance.engine.loss import weighted_cross_entropy
+from dance.engine.loss import class_balanced_cross_entropy, weighted_cross_entropy
 
 
 def _logits():
@@ -57,3 +57,47 @@ def test_gradient_follows_the_weights():
     loss, _ = weighted_cross_entropy(logits, target, torch.tensor([0.0, 1.0]))
     loss.backward()
     assert logits.grad[0].abs().sum() == 0 and logits.grad[1].abs().sum() > 0
+
+
+def test_class_balanced_is_the_mean_of_each_class_mean():
+    # class 0: three pixels (one ignored is not counted), class 1: one pixel
+    target = torch.tensor([[[0, 0]], [[1, 0]]])
+    logits = _logits()
+    ce = F.cross_entropy(logits, target, reduction="none")
+    expected = (ce[target == 0].mean() + ce[target == 1].mean()) / 2
+    loss = class_balanced_cross_entropy(logits, target)
+    assert loss.item() == pytest.approx(expected.item())
+    # a rare class weighs as much as a common one: not the pixel mean
+    assert loss.item() != pytest.approx(ce.mean().item())
+    target[0, 0, 1] = 255
+    ce = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    expected = (ce[target == 0].mean() + ce[target == 1].mean()) / 2
+    assert class_balanced_cross_entropy(logits, target).item() == pytest.approx(expected.item())
+
+
+def test_class_balanced_counts_only_present_classes_and_has_gradients():
+    logits = _logits()
+    target = torch.tensor([[[1, 1]], [[1, 255]]])  # class 0 absent: the mean is class 1's
+    ce = F.cross_entropy(logits, target, ignore_index=255, reduction="none")
+    loss = class_balanced_cross_entropy(logits, target)
+    assert loss.item() == pytest.approx(ce[target == 1].mean().item())
+    loss.backward()
+    assert logits.grad[1, :, 0, 1].abs().sum() == 0 and logits.grad.abs().sum() > 0
+
+
+def test_class_balanced_all_ignore_is_zero_with_a_gradient():
+    logits = _logits()
+    loss = class_balanced_cross_entropy(logits, torch.full((2, 1, 2), 255))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_class_balanced_rejects_a_mismatched_target():
+    with pytest.raises(ValueError, match="does not match"):
+        class_balanced_cross_entropy(_logits(), torch.zeros(2, 2, 2, dtype=torch.long))
+
+
+def test_class_balanced_is_public():
+    import dance
+    assert dance.class_balanced_cross_entropy is class_balanced_cross_entropy

@@ -284,6 +284,11 @@ def test_the_fingerprint_leaves_out_what_cannot_change_the_result():
     revived = result_config(config_from_dict({"network_slimming": {
         "revive_dead": True}}).to_dict())["network_slimming"]
     assert revived["revive_dead"] is True
+    # the pixel probe loss (the default) is no key; the class-balanced one counts
+    assert "probe_loss" not in r["network_slimming"]
+    balanced = result_config(config_from_dict({"network_slimming": {
+        "probe_loss": "class_balanced"}}).to_dict())["network_slimming"]
+    assert balanced["probe_loss"] == "class_balanced"
     # keeping the optimizer state through removals off is no key (as before the key existed),
     # and so is auto without data slimming (it resolves to off); on, and auto, count
     assert "keep_optimizer_state" not in r["network_slimming"]

@@ -513,3 +513,24 @@ def test_cpu_training_steps_take_the_small_map_shortcuts(config, tmp_path, monke
         if expected:
             assert len({removed for _, removed in seen}) > 1  # before and after the removal
             assert m["removed_channels"] > 0
+
+
+def test_probe_loss_chooses_what_importance_is_measured_on(runs, config, tmp_path, monkeypatch):
+    """network_slimming.probe_loss: the default measures the pixel-mean loss; class_balanced
+    measures branches and channels on the mean of the classes' mean losses."""
+    import dance.engine.train as train_mod
+    _, _, default = runs
+    calls = []
+    real = train_mod.class_balanced_cross_entropy
+
+    def spy(logits, masks):
+        calls.append(tuple(logits.shape))
+        return real(logits, masks)
+
+    monkeypatch.setattr(train_mod, "class_balanced_cross_entropy", spy)
+    balanced = run_train(config, tmp_path / "balanced", "network_slimming.probe_loss=class_balanced")
+    assert calls and balanced["prune_events"]
+    assert balanced["fingerprint"]["config"]["network_slimming"]["probe_loss"] == "class_balanced"
+    assert "probe_loss" not in default["fingerprint"]["config"]["network_slimming"]
+    # the same model at the same point measured on another loss
+    assert balanced["prune_events"][0]["probe_loss"] != default["prune_events"][0]["probe_loss"]

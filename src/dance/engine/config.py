@@ -281,6 +281,10 @@ class NetworkSlimmingConfig(_Strict):
     loss_tolerance: float = Field(0.01, ge=0)  # probe-loss rise counted as negligible
     max_removals_per_point: int = Field(1, ge=1)  # per module, so slimming is progressive
     probe_batches: int = Field(1, ge=1)  # held-out batches per importance measurement
+    # the loss the importance of branches and channels is measured on: the training loss's
+    # pixel-mean cross-entropy, or the mean over classes of each class's mean cross-entropy,
+    # which counts a class of few pixels as mIoU does (docs/method.md#channel-slimming)
+    probe_loss: Literal["pixel", "class_balanced"] = "pixel"
     # channel slimming (docs/method.md#channel-slimming): with a network_budget, the budget is met
     # by removing channel groups and branches together; channel_lambda weighs the cost-aware L1
     # term on the groups' BatchNorm scales (applied only when there is a budget to meet)

@@ -36,3 +36,23 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     w = w * (count > 0)
     loss = (w * per_image).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
     return loss, per_image.detach()
+
+
+def class_balanced_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The mean over the classes present in ``target`` of each class's mean cross-entropy over
+    its pixels: every class counts alike, as in mIoU, however few pixels it covers. A batch
+    without valid pixels gives 0 that still has a (zero) gradient, never NaN."""
+    if target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits "
+                         f"{tuple(logits.shape)}")
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").float()
+    valid = target != ignore_index
+    classes = torch.where(valid, target, 0).flatten()
+    n = logits.shape[1]
+    sums = torch.zeros(n, device=ce.device).index_add(0, classes, (ce * valid).flatten())
+    counts = torch.zeros(n, device=ce.device).index_add(0, classes, valid.flatten().float())
+    present = counts > 0
+    if not bool(present.any()):
+        return ce.sum() * 0.0
+    return (sums[present] / counts[present]).mean()

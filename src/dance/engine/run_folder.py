@@ -49,10 +49,11 @@ _PLAN_FILE_KEYS = ("indicator", "schedule", "drop", "downsample", "drop_above", 
 
 # (section, key, value): a key whose value gives what every run did before the key existed,
 # dropped so those runs keep their fingerprints (stretch 1: as many epochs as the plain run;
-# max_channel_cut 1: no limit)
+# max_channel_cut 1: no limit; probe_loss pixel: the loss every run measured on)
 _AS_BEFORE_THE_KEY = (("data_slimming", "stretch", 1.0), ("data_slimming", "drop_above", None),
                       ("network_slimming", "max_channel_cut", 1.0),
-                      ("network_slimming", "revive_dead", False))
+                      ("network_slimming", "revive_dead", False),
+                      ("network_slimming", "probe_loss", "pixel"))
 
 
 def result_config(config: dict) -> dict:

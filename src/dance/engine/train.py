@@ -47,7 +47,7 @@ from dance.engine.config import (
 )
 from dance.engine.cost import CostLedger, EnergyMeter, PhaseTimer
 from dance.engine.evaluate import eval_fields
-from dance.engine.loss import weighted_cross_entropy
+from dance.engine.loss import class_balanced_cross_entropy, weighted_cross_entropy
 from dance.engine.run_folder import (
     FINGERPRINT_FILE,
     dataset_fingerprint,
@@ -423,7 +423,9 @@ def prune_now(run: Run, state: TrainState, progress: float) -> None:
     snapshot = OptimizerSnapshot(run.optimizer, run.model) if run.keep_optimizer_state else None
     payload = None
     if run.rt.is_main:
-        event = run.slimmer.prune(run.model, run.probe, _probe_loss, progress)
+        loss_fn = (_balanced_probe_loss if run.cfg.network_slimming.probe_loss == "class_balanced"
+                   else _probe_loss)
+        event = run.slimmer.prune(run.model, run.probe, loss_fn, progress)
         payload = {"event": event.to_json(), "ops": jsonable(arch.removed[before:])}
     payload = broadcast_from_main(payload, run.rt)
     if not run.rt.is_main:
@@ -440,6 +442,10 @@ def prune_now(run: Run, state: TrainState, progress: float) -> None:
 
 def _probe_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return weighted_cross_entropy(logits.float(), masks)[0]
+
+
+def _balanced_probe_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    return class_balanced_cross_entropy(logits.float(), masks)
 
 
 def end_epoch_hardness(hardness: Hardness, cfg: RunConfig, rt: Runtime) -> float | None:
