@@ -46,11 +46,12 @@ def class_balanced_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     if target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"target shape {tuple(target.shape)} does not match logits "
                          f"{tuple(logits.shape)}")
+    # 0 at ignored pixels, so they add nothing to the sum of the class they are filed under
     ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none").float()
     valid = target != ignore_index
     classes = torch.where(valid, target, 0).flatten()
     n = logits.shape[1]
-    sums = torch.zeros(n, device=ce.device).index_add(0, classes, (ce * valid).flatten())
+    sums = torch.zeros(n, device=ce.device).index_add(0, classes, ce.flatten())
     counts = torch.zeros(n, device=ce.device).index_add(0, classes, valid.flatten().float())
     present = counts > 0
     if not bool(present.any()):

@@ -423,8 +423,7 @@ def prune_now(run: Run, state: TrainState, progress: float) -> None:
     snapshot = OptimizerSnapshot(run.optimizer, run.model) if run.keep_optimizer_state else None
     payload = None
     if run.rt.is_main:
-        loss_fn = (_balanced_probe_loss if run.cfg.network_slimming.probe_loss == "class_balanced"
-                   else _probe_loss)
+        loss_fn = _PROBE_LOSSES[run.cfg.network_slimming.probe_loss]
         event = run.slimmer.prune(run.model, run.probe, loss_fn, progress)
         payload = {"event": event.to_json(), "ops": jsonable(arch.removed[before:])}
     payload = broadcast_from_main(payload, run.rt)
@@ -446,6 +445,10 @@ def _probe_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
 def _balanced_probe_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return class_balanced_cross_entropy(logits.float(), masks)
+
+
+# network_slimming.probe_loss -> the loss branch and channel importance are measured on
+_PROBE_LOSSES = {"pixel": _probe_loss, "class_balanced": _balanced_probe_loss}
 
 
 def end_epoch_hardness(hardness: Hardness, cfg: RunConfig, rt: Runtime) -> float | None:
